@@ -1,0 +1,119 @@
+"""Round state in Redis, namespaced by experiment.
+
+Keys (``{ns}`` defaults to ``fednnunet``)::
+
+    {ns}:experiments                 set of experiment ids
+    {ns}:exp:{id}:state              ExperimentState as JSON
+    {ns}:exp:{id}:lock               coordinator lock (one decision at a time)
+    {ns}:exp:{id}:heartbeat          hash site -> unix time of last heartbeat
+    {ns}:exp:{id}:progress           hash site -> last ProgressEvent JSON
+    {ns}:exp:{id}:bytes              hash site -> bytes moved (sent+received)
+    {ns}:alive                       set at coordinator start; missing => Redis lost state
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+
+import redis
+
+from fednnunet.core.state_machine import ExperimentState
+from fednnunet.errors import ServiceUnreachable
+from fednnunet.messages import ProgressEvent
+
+
+class RedisState:
+    def __init__(self, url: str, namespace: str = "fednnunet") -> None:
+        self.url = url
+        self.ns = namespace
+        self.r = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+            decode_responses=True,
+        )
+
+    def ping(self) -> None:
+        try:
+            self.r.ping()
+        except redis.RedisError as exc:
+            raise ServiceUnreachable("Redis", self.url, type(exc).__name__) from exc
+
+    def _k(self, experiment: str, what: str) -> str:
+        return f"{self.ns}:exp:{experiment}:{what}"
+
+    # -- experiment state ----------------------------------------------------
+    def load(self, experiment: str) -> ExperimentState | None:
+        raw = self.r.get(self._k(experiment, "state"))
+        return ExperimentState.model_validate_json(raw) if raw else None
+
+    def save(self, state: ExperimentState) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self._k(state.experiment_id, "state"), state.model_dump_json())
+        pipe.sadd(f"{self.ns}:experiments", state.experiment_id)
+        pipe.execute()
+
+    def create(self, state: ExperimentState) -> bool:
+        """Store a new experiment; False if the id already exists."""
+        ok = self.r.set(self._k(state.experiment_id, "state"), state.model_dump_json(), nx=True)
+        if ok:
+            self.r.sadd(f"{self.ns}:experiments", state.experiment_id)
+        return bool(ok)
+
+    def experiments(self) -> list[str]:
+        return sorted(self.r.smembers(f"{self.ns}:experiments"))
+
+    @contextlib.contextmanager
+    def locked(
+        self, experiment: str, timeout_s: float = 300.0, wait_s: float = 600.0
+    ) -> Iterator[None]:
+        """Exclusive section per experiment: two coordinators never decide at once.
+
+        The lock expires (a SIGKILLed coordinator does not block forever).
+        """
+        lock = self.r.lock(
+            self._k(experiment, "lock"),
+            timeout=timeout_s,
+            blocking_timeout=wait_s,
+            thread_local=False,
+        )
+        if not lock.acquire():
+            raise TimeoutError(f"could not lock experiment {experiment}")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.exceptions.LockError):
+                lock.release()
+
+    # -- liveness and progress ----------------------------------------------
+    def mark_alive(self) -> None:
+        self.r.set(f"{self.ns}:alive", "1")
+
+    def is_alive_marked(self) -> bool:
+        return bool(self.r.exists(f"{self.ns}:alive"))
+
+    def record_progress(self, event: ProgressEvent) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(self._k(event.experiment_id, "heartbeat"), event.site_id, event.time)
+        if event.kind == "progress" or event.kind == "heartbeat":
+            pipe.hset(
+                self._k(event.experiment_id, "progress"), event.site_id, event.model_dump_json()
+            )
+        moved = event.bytes_sent + event.bytes_received
+        if moved:
+            pipe.hincrby(self._k(event.experiment_id, "bytes"), event.site_id, moved)
+        pipe.execute()
+
+    def heartbeats(self, experiment: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.r.hgetall(self._k(experiment, "heartbeat")).items()}
+
+    def progress(self, experiment: str) -> dict[str, dict]:
+        return {
+            k: json.loads(v) for k, v in self.r.hgetall(self._k(experiment, "progress")).items()
+        }
+
+    def bytes_moved(self, experiment: str) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(self._k(experiment, "bytes")).items()}

@@ -1,0 +1,299 @@
+"""Artifacts in S3 (MinIO, SeaweedFS, AWS): write-once, sha256-verified, retried.
+
+Every object carries its sha256 in its metadata; every reader verifies size and
+sha256 against the reference it was given before using a byte. Objects are
+never overwritten: writing a key again with the same bytes is a no-op (so a
+redelivered task is harmless), with different bytes it is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
+from fednnunet.messages import ArtifactRef
+from fednnunet.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SHA_META = "sha256"
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(4 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, S3Error):
+        return exc.code in {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
+    return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ConnectionError))
+
+
+class ArtifactStore:
+    """Thin adapter over the minio client; the only code that talks to S3."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        retry_total_s: float = 120.0,
+        egress_log: str | None = None,
+        cache_dir: Path | None = None,
+        client: Minio | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retry_total_s = retry_total_s
+        self.egress_log = (
+            Path(egress_log or settings.egress_log) if (egress_log or settings.egress_log) else None
+        )
+        self.cache_dir = cache_dir
+        self.max_object_bytes = settings.max_object_bytes
+        self.endpoint_url = ("https://" if settings.s3_secure else "http://") + settings.s3_endpoint
+        if client is None:
+            http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=5.0, read=120.0),
+                retries=urllib3.Retry(
+                    total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+                ),
+                maxsize=16,
+                cert_reqs="CERT_REQUIRED" if settings.s3_secure else "CERT_NONE",
+                ca_certs=settings.s3_ca_file if settings.s3_secure else None,
+            )
+            client = Minio(
+                settings.s3_endpoint,
+                access_key=settings.s3_access_key,
+                secret_key=settings.s3_secret_key,
+                secure=settings.s3_secure,
+                region=settings.s3_region,
+                http_client=http,
+            )
+        self.client = client
+
+    # -- retries -----------------------------------------------------------
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_total_s
+        delay = 0.25
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - filtered below
+                if not _is_transient(exc) or time.monotonic() + delay > deadline:
+                    if _is_transient(exc):
+                        raise ServiceUnreachable("S3", self.endpoint_url, f"{what}: {exc}") from exc
+                    raise
+                log.warning("S3 %s failed (%s); retrying in %.1fs", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    # -- buckets -----------------------------------------------------------
+    def ping(self) -> None:
+        """Raise ServiceUnreachable with one line if S3 does not answer."""
+        try:
+            self.client.bucket_exists(self.settings.bucket_prefix + "-global")
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, S3Error):
+                return  # it answered (maybe AccessDenied): reachable
+            raise ServiceUnreachable("S3", self.endpoint_url, type(exc).__name__) from exc
+
+    def ensure_bucket(self, bucket: str) -> None:
+        def make() -> None:
+            if not self.client.bucket_exists(bucket):
+                try:
+                    self.client.make_bucket(bucket)
+                except S3Error as exc:
+                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        raise
+
+        self._retry(f"create bucket {bucket}", make)
+
+    # -- reading references ------------------------------------------------
+    def stat(self, bucket: str, key: str) -> ArtifactRef | None:
+        """The reference of an existing object (sha256 from its metadata), or None."""
+
+        def do() -> ArtifactRef | None:
+            try:
+                st = self.client.stat_object(bucket, key)
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND:
+                    return None
+                raise
+            meta = {k.lower(): v for k, v in (st.metadata or {}).items()}
+            sha = meta.get("x-amz-meta-" + SHA_META) or meta.get(SHA_META)
+            if not sha:
+                raise IntegrityError(f"s3://{bucket}/{key} has no sha256 metadata")
+            return ArtifactRef(bucket=bucket, key=key, sha256=sha, size=int(st.size or 0))
+
+        return self._retry(f"stat {bucket}/{key}", do)
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        def do() -> list[str]:
+            try:
+                return [
+                    o.object_name
+                    for o in self.client.list_objects(bucket, prefix=prefix, recursive=True)
+                ]
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND:
+                    return []
+                raise
+
+        return self._retry(f"list {bucket}/{prefix}", do)
+
+    # -- writing -----------------------------------------------------------
+    def put_bytes(self, bucket: str, key: str, data: bytes, kind: str = "blob") -> ArtifactRef:
+        if len(data) > self.max_object_bytes:
+            raise FedError(
+                f"refusing to upload {len(data)} bytes to s3://{bucket}/{key}: "
+                f"over the {self.max_object_bytes}-byte limit"
+            )
+        sha = sha256_bytes(data)
+        existing = self.stat(bucket, key)
+        if existing is not None:
+            return self._same_or_error(existing, sha, len(data))
+
+        def do() -> None:
+            self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data), metadata={SHA_META: sha}
+            )
+
+        self._retry(f"put {bucket}/{key}", do)
+        ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
+        self._log_egress(ref, kind)
+        return ref
+
+    def put_file(self, bucket: str, key: str, path: Path, kind: str = "blob") -> ArtifactRef:
+        size = path.stat().st_size
+        if size > self.max_object_bytes:
+            raise FedError(f"refusing to upload {size} bytes: over the object size limit")
+        sha = sha256_file(path)
+        existing = self.stat(bucket, key)
+        if existing is not None:
+            return self._same_or_error(existing, sha, size)
+        self._retry(
+            f"put {bucket}/{key}",
+            lambda: self.client.fput_object(bucket, key, str(path), metadata={SHA_META: sha}),
+        )
+        ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=size)
+        self._log_egress(ref, kind)
+        return ref
+
+    def put_json(self, bucket: str, key: str, obj: Any, kind: str = "json") -> ArtifactRef:
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        return self.put_bytes(bucket, key, data, kind=kind)
+
+    @staticmethod
+    def _same_or_error(existing: ArtifactRef, sha: str, size: int) -> ArtifactRef:
+        if existing.sha256 != sha or existing.size != size:
+            raise IntegrityError(
+                f"s3://{existing.bucket}/{existing.key} already exists with different content "
+                "(artifacts are write-once)"
+            )
+        return existing
+
+    def _log_egress(self, ref: ArtifactRef, kind: str) -> None:
+        if self.egress_log is None:
+            return
+        self.egress_log.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(
+            {
+                "time": time.time(),
+                "bucket": ref.bucket,
+                "key": ref.key,
+                "kind": kind,
+                "bytes": ref.size,
+                "sha256": ref.sha256,
+            }
+        )
+        with open(self.egress_log, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    # -- reading (verified) --------------------------------------------------
+    def _check_ref_size(self, ref: ArtifactRef) -> None:
+        if ref.size > self.max_object_bytes:
+            raise FedError(f"refusing to download {ref.size} bytes: over the object size limit")
+
+    def get_bytes(self, ref: ArtifactRef) -> bytes:
+        self._check_ref_size(ref)
+
+        def do() -> bytes:
+            resp = self.client.get_object(ref.bucket, ref.key)
+            try:
+                return resp.read(ref.size + 1)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        data = self._retry(f"get {ref.bucket}/{ref.key}", do)
+        self._verify(ref, len(data), sha256_bytes(data))
+        return data
+
+    def get_json(self, ref: ArtifactRef) -> Any:
+        return json.loads(self.get_bytes(ref))
+
+    def get_file(self, ref: ArtifactRef, dest: Path | None = None) -> Path:
+        """Download to a file (or reuse the verified cached copy) and verify it."""
+        self._check_ref_size(ref)
+        cached = self.cache_dir / ref.sha256 if self.cache_dir else None
+        if cached is not None and cached.exists():
+            if dest is None:
+                return cached
+            shutil.copyfile(cached, dest)
+            return dest
+        target_dir = (
+            cached.parent if cached else (dest.parent if dest else Path(tempfile.gettempdir()))
+        )
+        target_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=".dl-")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self._retry(
+                f"get {ref.bucket}/{ref.key}",
+                lambda: self.client.fget_object(ref.bucket, ref.key, str(tmp)),
+            )
+            self._verify(ref, tmp.stat().st_size, sha256_file(tmp))
+            final = cached or dest or tmp.with_name(ref.sha256)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if cached is not None and dest is not None:
+            shutil.copyfile(cached, dest)
+            return dest
+        return final
+
+    @staticmethod
+    def _verify(ref: ArtifactRef, size: int, sha: str) -> None:
+        if size != ref.size or sha != ref.sha256:
+            raise IntegrityError(
+                f"s3://{ref.bucket}/{ref.key} failed verification "
+                f"(size {size} vs {ref.size}, sha256 {sha[:12]}… vs {ref.sha256[:12]}…); refused"
+            )
+
+    def iter_json(self, bucket: str, prefix: str) -> Iterator[tuple[str, Any]]:
+        for key in self.list_keys(bucket, prefix):
+            ref = self.stat(bucket, key)
+            if ref is not None:
+                yield key, self.get_json(ref)

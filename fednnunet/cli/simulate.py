@@ -1,0 +1,142 @@
+"""One-machine simulation: a coordinator and one worker per site as child processes.
+
+Each child runs in its own process group so that stopping it also stops the
+nnU-Net data-augmentation workers it started. CPU threads and augmentation
+workers are budgeted per site so simulated sites do not oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from fednnunet.adapters.broker import START_TASK, coordinator_queue, make_celery
+from fednnunet.adapters.redis_state import RedisState
+from fednnunet.core.state_machine import TERMINAL, ExperimentState
+from fednnunet.errors import FedError
+from fednnunet.settings import Settings
+from fednnunet.spec import ExperimentSpec
+
+
+def submit(settings: Settings, spec: ExperimentSpec) -> None:
+    """Queue a start request for the coordinator (JSON over the broker)."""
+    app = make_celery(settings, "client")
+    app.send_task(
+        START_TASK, args=[spec.model_dump(mode="json")], queue=coordinator_queue(no_declare=False)
+    )
+
+
+def wait_for(
+    settings: Settings, experiment_id: str, timeout_s: float, on_update=None, poll_s: float = 1.0
+) -> ExperimentState:
+    redis = RedisState(settings.redis_url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = redis.load(experiment_id)
+        if on_update is not None and state is not None:
+            on_update(state, redis)
+        if state is not None and state.phase in TERMINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise FedError(
+                f"experiment {experiment_id} did not finish within {timeout_s:.0f}s "
+                f"(phase {state.phase if state else 'not started'})"
+            )
+        time.sleep(poll_s)
+
+
+class LocalFederation:
+    """Context manager running the coordinator and site workers on this machine."""
+
+    def __init__(
+        self,
+        sites: Mapping[str, int],
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        cpus: int | None = None,
+        tick_s: float = 1.0,
+        with_coordinator: bool = True,
+    ) -> None:
+        self.sites = dict(sites)
+        self.log_dir = Path(log_dir)
+        self.env = dict(os.environ) | dict(env or {})
+        self.cpus = cpus or os.cpu_count() or 1
+        self.tick_s = tick_s
+        self.with_coordinator = with_coordinator
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fednnunet.cli.main", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def site_env(self, site: str) -> dict[str, str]:
+        threads = max(1, self.cpus // max(1, len(self.sites)))
+        env = dict(self.env)
+        env.update(
+            {
+                "FEDNNUNET_SITE_ID": site,
+                "FEDNNUNET_DATASET_ID": str(self.sites[site]),
+                "FEDNNUNET_TORCH_THREADS": env.get("FEDNNUNET_TORCH_THREADS", str(threads)),
+                "FEDNNUNET_DA_PROCESSES": env.get("FEDNNUNET_DA_PROCESSES", "0"),
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(threads)),
+                "nnUNet_compile": "f",
+            }
+        )
+        return env
+
+    def start_site(self, site: str) -> subprocess.Popen:
+        return self._spawn(
+            f"site-{site}",
+            ["worker", "--site", site, "--dataset-id", str(self.sites[site])],
+            self.site_env(site),
+        )
+
+    def start_coordinator(self, name: str = "coordinator") -> subprocess.Popen:
+        return self._spawn(name, ["coordinator", "--tick", str(self.tick_s)], dict(self.env))
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> LocalFederation:
+        if self.with_coordinator:
+            self.start_coordinator()
+        for site in self.sites:
+            self.start_site(site)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+        for name in list(self.procs):
+            self.kill(name, signal.SIGKILL)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise FedError(f"{name} exited with code {proc.returncode}; log tail:\n{tail}")

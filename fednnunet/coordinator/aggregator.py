@@ -1,0 +1,111 @@
+"""Aggregation of one round from S3 objects: verify, quarantine, stream FedAvg, publish.
+
+Each update is downloaded once into a local cache keyed by sha256 (verified),
+validated, then added to a streaming accumulator: peak memory is the global
+model plus one update, whatever the number of sites.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.weights_codec import load_weights_file, read_file_header, save_weights_file
+from fednnunet.core.aggregation import StreamingFedAvg, common_layers
+from fednnunet.core.tensors import join_aliases
+from fednnunet.core.update_checks import l2_norm, update_problems
+from fednnunet.errors import FedError
+from fednnunet.messages import ArtifactRef, SiteReport
+
+
+@dataclass
+class AggregationResult:
+    global_weights: ArtifactRef | None
+    participants: list[str]
+    quarantined: dict[str, str] = field(default_factory=dict)
+    layers_averaged: int = 0
+    seconds: float = 0.0
+
+
+def aggregate_round(
+    store: ArtifactStore,
+    reports: Sequence[SiteReport],
+    target_bucket: str,
+    target_key: str,
+    previous_global: ArtifactRef | None,
+    min_participants: int = 1,
+    strict_shapes: bool = True,
+) -> AggregationResult:
+    """Average the verified, sane updates of ``reports`` into a new global object.
+
+    ``strict_shapes`` (FFE): every layer of the previous global must keep its shape.
+    """
+    t0 = time.perf_counter()
+    quarantined: dict[str, str] = {}
+    ref_shapes: dict[str, tuple[int, ...]] | None = None
+    ref_norm: float | None = None
+    if previous_global is not None:
+        prev_path = store.get_file(previous_global)
+        ref_shapes, _, _ = read_file_header(prev_path)
+        ref_norm = l2_norm(load_weights_file(prev_path))
+
+    accepted: list[tuple[SiteReport, Path]] = []
+    headers: list[dict[str, tuple[int, ...]]] = []
+    aliases_of_first: dict[str, str] = {}
+    for report in reports:
+        if report.artifact is None or report.num_cases <= 0:
+            quarantined[report.site_id] = "no update or no training cases"
+            continue
+        try:
+            path = store.get_file(report.artifact)
+            shapes, aliases, _ = read_file_header(path)
+            tensors = load_weights_file(path)
+        except (FedError, ValueError, OSError) as exc:
+            quarantined[report.site_id] = str(exc)
+            continue
+        # With differing plans (AsymFedAvg) shapes legitimately differ between sites.
+        expected = ref_shapes if strict_shapes else None
+        problems = update_problems(tensors, expected_shapes=expected, reference_norm=ref_norm)
+        del tensors
+        if problems:
+            quarantined[report.site_id] = "; ".join(problems[:3])
+            continue
+        accepted.append((report, path))
+        headers.append(shapes)
+        if not aliases_of_first:
+            aliases_of_first = aliases
+
+    if len(accepted) < min_participants:
+        return AggregationResult(
+            None, [r.site_id for r, _ in accepted], quarantined, seconds=time.perf_counter() - t0
+        )
+
+    names = common_layers(headers)
+    acc = StreamingFedAvg(names)
+    dtypes = {}
+    for report, path in accepted:
+        update = load_weights_file(path, names)
+        if not dtypes:
+            dtypes = {n: t.dtype for n, t in update.items()}
+        acc.add(update, float(report.num_cases))
+        del update
+    result = acc.result(dtypes)
+    # Keep aliases whose canonical tensor is in the result so sites rebuild nnU-Net's keys.
+    full = join_aliases(result, {a: c for a, c in aliases_of_first.items() if c in result})
+    with tempfile.TemporaryDirectory(prefix="fednnunet-agg-") as tmp:
+        out = Path(tmp) / "weights.safetensors"
+        save_weights_file(
+            full, out, metadata={"participants": ",".join(r.site_id for r, _ in accepted)}
+        )
+        ref = store.put_file(target_bucket, target_key, out, kind="global_weights")
+    return AggregationResult(
+        ref,
+        [r.site_id for r, _ in accepted],
+        quarantined,
+        layers_averaged=len(names),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,368 @@
+"""The coordinator: applies the pure state machine to Redis state, S3 objects and tasks.
+
+Every entry point (a site report, a tick, a start or cancel request) takes the
+experiment's Redis lock, loads the state, lets :func:`next_actions` decide,
+performs the actions and saves. Decisions are level-triggered, so a restarted
+or second coordinator converges on the same result; artifacts are write-once
+and tasks idempotent, so repeating an action is harmless. After every phase or
+round transition the state is journaled to S3, from which it is restored if
+Redis loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from fednnunet.adapters.redis_state import RedisState
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.coordinator.aggregator import aggregate_round
+from fednnunet.core import state_machine as sm
+from fednnunet.errors import FedError, IntegrityError
+from fednnunet.keys import (
+    GLOBAL_SITE,
+    PHASE_FINGERPRINT,
+    PHASE_JOURNAL,
+    PHASE_TRAIN,
+    artifact_key,
+    global_bucket,
+    site_bucket,
+)
+from fednnunet.messages import ArtifactRef, SiteReport, SiteTask, TrainingOptions
+from fednnunet.settings import Settings
+from fednnunet.spec import ExperimentSpec
+
+log = logging.getLogger(__name__)
+
+SendTask = Callable[[SiteTask], None]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        settings: Settings,
+        state: RedisState,
+        store: ArtifactStore,
+        send_task: SendTask,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.redis = state
+        self.store = store
+        self.send_task = send_task
+        self.clock = clock
+        self.global_bucket = global_bucket(settings.bucket_prefix)
+
+    # ------------------------------------------------------------ entry points
+    def start(self, spec: ExperimentSpec) -> sm.ExperimentState:
+        """Create the experiment (idempotent for the same id) and dispatch its first phase."""
+        for site in spec.sites:
+            self.store.ensure_bucket(site_bucket(self.settings.bucket_prefix, site))
+        self.store.ensure_bucket(self.global_bucket)
+        state = sm.new_experiment(
+            spec.experiment_id,
+            spec.method,
+            spec.sites,
+            spec.rounds,
+            spec.effective_quorum,
+            spec.training_options().model_dump(),
+            self.clock(),
+            round_deadline_s=spec.round_deadline_s,
+            heartbeat_timeout_s=spec.heartbeat_timeout_s,
+            max_attempts=spec.max_attempts,
+            stop_after=spec.stop_after,
+        )
+        if self.redis.create(state):
+            self._journal(state)
+        return self.advance(spec.experiment_id)
+
+    def on_report(self, report: SiteReport) -> None:
+        with self.redis.locked(report.experiment_id):
+            state = self._load(report.experiment_id)
+            if state is None:
+                log.warning("report for unknown experiment %s ignored", report.experiment_id)
+                return
+            if report.site_id not in state.sites:
+                log.warning("report from unknown site %s ignored", report.site_id)
+                state.ignored_reports += 1
+            elif not sm.apply_report(state, report, self.clock()):
+                log.info(
+                    "stale/duplicate report %s/%s r%s from %s ignored",
+                    report.experiment_id,
+                    report.phase,
+                    report.round,
+                    report.site_id,
+                )
+            self._advance_locked(state)
+
+    def cancel(self, experiment_id: str) -> sm.ExperimentState | None:
+        with self.redis.locked(experiment_id):
+            state = self._load(experiment_id)
+            if state is not None:
+                sm.apply_cancelled(state, self.clock())
+                self._save(state, journal=True)
+            return state
+
+    def advance(self, experiment_id: str) -> sm.ExperimentState:
+        with self.redis.locked(experiment_id):
+            state = self._load(experiment_id)
+            if state is None:
+                raise FedError(f"unknown experiment {experiment_id}")
+            return self._advance_locked(state)
+
+    def tick(self) -> None:
+        """Periodic: recover lost Redis state, re-dispatch dead sites, close deadlines."""
+        if not self.redis.is_alive_marked():
+            self.recover_from_journal()
+            self.redis.mark_alive()
+        for exp in self.redis.experiments():
+            state = self.redis.load(exp)
+            if state is None or state.phase in sm.TERMINAL:
+                continue
+            try:
+                self.advance(exp)
+            except Exception:  # noqa: BLE001 - one experiment must not stop the others
+                log.exception("advancing %s failed", exp)
+
+    # ------------------------------------------------------------ the loop
+    def _advance_locked(self, state: sm.ExperimentState) -> sm.ExperimentState:
+        for _ in range(8 + 4 * state.rounds):  # bounded: each pass moves at least one step
+            now = self.clock()
+            seq_before = state.seq
+            self._apply_heartbeats(state, now)
+            if state.phase == "plan" and sm.phase_complete(state, now):
+                failure = sm.apply_plans_checked(state, now)
+                if failure is not None:
+                    sm.apply_failed(state, failure.reason, now)
+            elif state.phase == "validate" and sm.phase_complete(state, now):
+                sm.apply_validated(state, now)
+                self._write_final(state)
+            for action in sm.next_actions(state, now, self.redis.heartbeats(state.experiment_id)):
+                self._perform(state, action, now)
+            changed = state.seq != seq_before
+            self._save(state, journal=changed)
+            if not changed:
+                break
+        return state
+
+    def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
+        progress = self.redis.progress(state.experiment_id)
+        for site, event in progress.items():
+            st = state.sites_status.get(site)
+            if st is None or st.state != "queued" or st.dispatched_at is None:
+                continue
+            if event.get("time", 0) >= st.dispatched_at - 1.0:
+                sm.apply_heartbeat(
+                    state, site, event.get("phase") or "", event.get("round", -1), now
+                )
+
+    def _perform(self, state: sm.ExperimentState, action: sm.Action, now: float) -> None:
+        if isinstance(action, sm.Dispatch):
+            self.send_task(self._task_for(state, action))
+            sm.apply_dispatched(state, action, now)
+        elif isinstance(action, sm.MergeFingerprints):
+            try:
+                ref = self._merge_fingerprints(state, action.reports)
+            except FedError as exc:
+                sm.apply_failed(state, f"fingerprint merge: {exc}", now)
+                return
+            sm.apply_merged(state, ref, now)
+        elif isinstance(action, sm.Aggregate):
+            self._aggregate(state, action, now)
+        elif isinstance(action, sm.Fail):
+            sm.apply_failed(state, action.reason, now)
+
+    # ------------------------------------------------------------ actions
+    def _task_for(self, state: sm.ExperimentState, action: sm.Dispatch) -> SiteTask:
+        task = SiteTask(
+            experiment_id=state.experiment_id,
+            site_id=action.site,
+            phase=action.phase,
+            round=action.round,
+            attempt=action.attempt,
+            options=TrainingOptions.model_validate(state.options),
+        )
+        if action.phase == "plan" and state.method == "ffe":
+            task.merged_fingerprint = state.merged_fingerprint
+        if action.phase in ("train", "validate"):
+            task.global_weights = state.global_weights
+            if state.method == "ffe" and state.plans_sha256:
+                task.plans_sha256 = next(iter(state.plans_sha256.values()))
+        return task
+
+    def _merge_fingerprints(
+        self, state: sm.ExperimentState, reports: tuple[SiteReport, ...]
+    ) -> ArtifactRef:
+        from fednnunet.core.fingerprint_merge import (
+            merge_fingerprint_summaries,
+            validate_compatible,
+        )
+
+        ordered = sorted(reports, key=lambda r: state.sites.index(r.site_id))
+        summaries = []
+        for r in ordered:
+            if r.artifact is None:
+                raise FedError(f"site {r.site_id} sent no fingerprint")
+            summaries.append(self.store.get_json(r.artifact))
+        validate_compatible(summaries)
+        merged = merge_fingerprint_summaries(summaries)
+        key = artifact_key(
+            state.experiment_id, PHASE_FINGERPRINT, 0, GLOBAL_SITE, "dataset_fingerprint.json"
+        )
+        return self._put_once_json(key, merged, kind="merged_fingerprint")
+
+    def _aggregate(self, state: sm.ExperimentState, action: sm.Aggregate, now: float) -> None:
+        key = artifact_key(
+            state.experiment_id, PHASE_TRAIN, action.round, GLOBAL_SITE, "weights.safetensors"
+        )
+        existing = self.store.stat(self.global_bucket, key)
+        reports = sorted(action.reports, key=lambda r: state.sites.index(r.site_id))
+        if existing is not None:
+            # A previous coordinator aggregated this round and died before saving: reuse it.
+            result_ref, participants, quarantined, agg_s = (
+                existing,
+                [r.site_id for r in reports],
+                {},
+                0.0,
+            )
+        else:
+            try:
+                res = aggregate_round(
+                    self.store,
+                    reports,
+                    self.global_bucket,
+                    key,
+                    state.global_weights,
+                    min_participants=min(state.quorum, len(reports)) or 1,
+                    strict_shapes=state.method == "ffe",
+                )
+            except IntegrityError:
+                res = None
+            if res is None:
+                existing = self.store.stat(self.global_bucket, key)
+                if existing is None:
+                    raise
+                result_ref, participants, quarantined, agg_s = (
+                    existing,
+                    [r.site_id for r in reports],
+                    {},
+                    0.0,
+                )
+            else:
+                result_ref, participants, quarantined, agg_s = (
+                    res.global_weights,
+                    res.participants,
+                    res.quarantined,
+                    res.seconds,
+                )
+        if result_ref is None:
+            # Too many updates quarantined: those sites redo the round (bounded by attempts).
+            for site, why in quarantined.items():
+                st = state.sites_status[site]
+                st.state, st.error, st.report = "failed", f"update quarantined: {why}", None
+            log.warning("round %s not aggregated: %s", action.round, quarantined)
+            return
+        for site, why in quarantined.items():
+            log.warning("update of %s quarantined in round %s: %s", site, action.round, why)
+        record = sm.RoundRecord(
+            round=action.round,
+            participants=participants,
+            late=list(action.late),
+            quarantined=quarantined,
+            global_weights=result_ref,
+            metrics={r.site_id: dict(r.metrics) for r in reports},
+            num_cases={r.site_id: r.num_cases for r in reports},
+            opened_at=state.phase_opened_at,
+            aggregation_s=agg_s,
+        )
+        for site in action.late:
+            state.sites_status[site].state = "late"
+        sm.apply_aggregated(state, record, now)
+
+    def _write_final(self, state: sm.ExperimentState) -> None:
+        if state.global_weights is None:
+            return
+        summary = {
+            "experiment_id": state.experiment_id,
+            "global_weights": state.global_weights.model_dump(),
+            "final_metrics": state.final_metrics,
+            "rounds": [r.model_dump() for r in state.history],
+        }
+        key = artifact_key(state.experiment_id, "final", 0, GLOBAL_SITE, "summary.json")
+        self._put_once_json(key, summary, kind="final_summary")
+
+    # ------------------------------------------------------------ persistence
+    def _put_once_json(self, key: str, obj: object, kind: str) -> ArtifactRef:
+        try:
+            return self.store.put_json(self.global_bucket, key, obj, kind=kind)
+        except IntegrityError:
+            ref = self.store.stat(self.global_bucket, key)
+            assert ref is not None
+            return ref
+
+    def _load(self, experiment_id: str) -> sm.ExperimentState | None:
+        state = self.redis.load(experiment_id)
+        if state is None:
+            state = self._latest_journal(experiment_id)
+            if state is not None:
+                _redispatch_unfinished(state)
+                self.redis.save(state)
+        return state
+
+    def _save(self, state: sm.ExperimentState, journal: bool) -> None:
+        self.redis.save(state)
+        if journal:
+            self._journal(state)
+
+    def _journal(self, state: sm.ExperimentState) -> None:
+        key = artifact_key(
+            state.experiment_id,
+            PHASE_JOURNAL,
+            state.round,
+            GLOBAL_SITE,
+            f"{state.seq:06d}-{state.phase}.json",
+        )
+        self._put_once_json(key, state.model_dump(mode="json"), kind="journal")
+
+    def _latest_journal(self, experiment_id: str) -> sm.ExperimentState | None:
+        keys = self.store.list_keys(self.global_bucket, f"{experiment_id}/{PHASE_JOURNAL}/")
+        if not keys:
+            return None
+        latest = max(keys, key=lambda k: k.rsplit("/", 1)[-1])
+        ref = self.store.stat(self.global_bucket, latest)
+        return sm.ExperimentState.model_validate(self.store.get_json(ref)) if ref else None
+
+    def recover_from_journal(self) -> list[str]:
+        """After Redis lost everything: restore every unfinished experiment from S3."""
+        restored = []
+        prefixes = {
+            k.split("/", 1)[0]
+            for k in self.store.list_keys(self.global_bucket, "")
+            if f"/{PHASE_JOURNAL}/" in k
+        }
+        for exp in sorted(prefixes):
+            if self.redis.load(exp) is not None:
+                continue
+            state = self._latest_journal(exp)
+            if state is not None:
+                _redispatch_unfinished(state)
+                self.redis.save(state)
+                restored.append(exp)
+                log.warning(
+                    "restored experiment %s from the S3 journal (%s, round %s)",
+                    exp,
+                    state.phase,
+                    state.round,
+                )
+        return restored
+
+
+def _redispatch_unfinished(state: sm.ExperimentState) -> None:
+    """Reports received after the journal entry are lost with Redis: ask again.
+
+    Sites answer a repeated task from the artifact they already uploaded.
+    """
+    for st in state.sites_status.values():
+        if st.state in ("queued", "running", "failed"):
+            st.state, st.attempt = "pending", 0

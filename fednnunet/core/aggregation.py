@@ -1,0 +1,89 @@
+"""Federated averaging over arrays: pure, streaming, one update in memory at a time.
+
+FedAvg weights each site by its number of training cases. Only layers with the
+same name and shape at every participating site are averaged (this is the
+whole of AsymFedAvg; with FFE every layer is common). Peak memory is the
+accumulator (one model) plus the update being added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+def common_layers(shapes_per_site: Sequence[Mapping[str, Shape]]) -> list[str]:
+    """Names present at every site with the same shape, in the first site's order."""
+    if not shapes_per_site:
+        return []
+    first = shapes_per_site[0]
+    out = []
+    for name, shape in first.items():
+        if all(
+            tuple(other.get(name, ())) == tuple(shape) and name in other
+            for other in shapes_per_site[1:]
+        ):
+            out.append(name)
+    return out
+
+
+class StreamingFedAvg:
+    """Weighted running sum of updates, restricted to a fixed set of layer names.
+
+    Floating tensors are averaged in float32 (float64 for float64 inputs);
+    integer tensors (counters) are taken from the first update, since their
+    mean is not meaningful.
+    """
+
+    def __init__(self, layer_names: Iterable[str]) -> None:
+        self._names = list(layer_names)
+        self._sum: dict[str, torch.Tensor] = {}
+        self._total_weight = 0.0
+        self._count = 0
+
+    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"update weight must be positive and finite, got {weight}")
+        for name in self._names:
+            tensor = update[name]
+            acc = self._sum.get(name)
+            if acc is None:
+                if tensor.is_floating_point():
+                    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+                    self._sum[name] = tensor.to(dtype=dtype, copy=True).mul_(weight)
+                else:
+                    self._sum[name] = tensor.clone()
+            elif acc.is_floating_point():
+                acc.add_(tensor.to(acc.dtype), alpha=weight)
+        self._total_weight += weight
+        self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def result(self, dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+        """The weighted mean; optionally cast back to each layer's original dtype."""
+        if self._count == 0:
+            raise ValueError("no update was added")
+        out = {}
+        for name, acc in self._sum.items():
+            value = acc / self._total_weight if acc.is_floating_point() else acc
+            if dtypes is not None and name in dtypes:
+                value = value.to(dtypes[name])
+            out[name] = value
+        return out
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """Convenience: FedAvg of in-memory updates over their common layers."""
+    names = common_layers([{k: tuple(v.shape) for k, v in u.items()} for u, _ in updates])
+    acc = StreamingFedAvg(names)
+    for update, weight in updates:
+        acc.add(update, weight)
+    first = updates[0][0]
+    return acc.result({n: first[n].dtype for n in names})

@@ -1,0 +1,311 @@
+"""The experiment's state machine: pure, no I/O, no clock of its own.
+
+The coordinator loads the state, feeds it events (site reports, heartbeats,
+results of its own actions) and asks :func:`next_actions` what to do now. The
+decision depends only on the state and ``now`` (level-triggered), so a freshly
+started coordinator, or one that lost a message, reaches the same decision.
+
+Phases::
+
+    ffe : fingerprint -> plan -> train(1..R) -> validate -> done
+    asym:                plan -> train(1..R) -> validate -> done
+    any : -> failed | cancelled
+
+Per site, per phase/round: pending -> queued -> running -> done | failed | late
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from fednnunet.messages import ArtifactRef, SiteReport
+
+ExperimentPhase = Literal["fingerprint", "plan", "train", "validate", "done", "failed", "cancelled"]
+SiteState = Literal["pending", "queued", "running", "done", "failed", "late"]
+TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+class SiteStatus(BaseModel):
+    state: SiteState = "pending"
+    attempt: int = 0
+    dispatched_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    report: SiteReport | None = None
+
+
+class RoundRecord(BaseModel):
+    round: int
+    participants: list[str]
+    late: list[str] = Field(default_factory=list)
+    quarantined: dict[str, str] = Field(default_factory=dict)
+    global_weights: ArtifactRef | None = None
+    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    num_cases: dict[str, int] = Field(default_factory=dict)
+    opened_at: float = 0.0
+    closed_at: float = 0.0
+    aggregation_s: float = 0.0
+
+
+class ExperimentState(BaseModel):
+    """Everything needed to resume an experiment; stored in Redis, journaled in S3."""
+
+    experiment_id: str
+    method: Literal["ffe", "asym"]
+    sites: list[str]
+    rounds: int
+    quorum: int
+    round_deadline_s: float | None = None
+    heartbeat_timeout_s: float = 60.0
+    max_attempts: int = 3
+    stop_after: Literal["fingerprint", "plan"] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # TrainingOptions as JSON
+    phase: ExperimentPhase = "fingerprint"
+    round: int = 0
+    seq: int = 0
+    phase_opened_at: float = 0.0
+    created_at: float = 0.0
+    finished_at: float | None = None
+    sites_status: dict[str, SiteStatus] = Field(default_factory=dict)
+    merged_fingerprint: ArtifactRef | None = None
+    plans_sha256: dict[str, str] = Field(default_factory=dict)
+    global_weights: ArtifactRef | None = None
+    history: list[RoundRecord] = Field(default_factory=list)
+    final_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    error: str | None = None
+    ignored_reports: int = 0
+
+
+# ---------------------------------------------------------------- actions
+@dataclass(frozen=True)
+class Dispatch:
+    """Send this site the task for the current phase/round (attempt n)."""
+
+    site: str
+    phase: str
+    round: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class MergeFingerprints:
+    reports: tuple[SiteReport, ...]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    round: int
+    reports: tuple[SiteReport, ...]
+    late: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+
+
+Action = Dispatch | MergeFingerprints | Aggregate | Fail
+
+
+# ---------------------------------------------------------------- creation
+def new_experiment(
+    experiment_id: str,
+    method: Literal["ffe", "asym"],
+    sites: list[str],
+    rounds: int,
+    quorum: int,
+    options: dict[str, Any],
+    now: float,
+    round_deadline_s: float | None = None,
+    heartbeat_timeout_s: float = 60.0,
+    max_attempts: int = 3,
+    stop_after: Literal["fingerprint", "plan"] | None = None,
+) -> ExperimentState:
+    state = ExperimentState(
+        experiment_id=experiment_id,
+        method=method,
+        sites=list(sites),
+        rounds=rounds,
+        quorum=quorum,
+        options=options,
+        round_deadline_s=round_deadline_s,
+        heartbeat_timeout_s=heartbeat_timeout_s,
+        max_attempts=max_attempts,
+        created_at=now,
+        stop_after=stop_after,
+    )
+    _open_phase(state, "fingerprint" if method == "ffe" else "plan", 0, now)
+    return state
+
+
+def _open_phase(state: ExperimentState, phase: ExperimentPhase, round_: int, now: float) -> None:
+    state.phase, state.round = phase, round_
+    state.phase_opened_at = now
+    state.seq += 1
+    state.sites_status = (
+        {s: SiteStatus() for s in state.sites} if phase not in TERMINAL else state.sites_status
+    )
+    if phase in TERMINAL:
+        state.finished_at = now
+
+
+# ---------------------------------------------------------------- events
+def apply_dispatched(state: ExperimentState, action: Dispatch, now: float) -> None:
+    st = state.sites_status[action.site]
+    if action.phase != state.phase or action.round != state.round or st.state in ("done", "late"):
+        return
+    st.state, st.attempt, st.dispatched_at = "queued", action.attempt, now
+    st.started_at, st.error = None, None
+
+
+def apply_heartbeat(state: ExperimentState, site: str, phase: str, round_: int, now: float) -> None:
+    """A site said it is working on (phase, round): queued -> running."""
+    st = state.sites_status.get(site)
+    if st is None or phase != state.phase or round_ != state.round:
+        return
+    if st.state == "queued":
+        st.state, st.started_at = "running", now
+
+
+def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool:
+    """Record a site's report. Returns False when it is ignored (stale, unknown, duplicate)."""
+    st = state.sites_status.get(report.site_id)
+    if (
+        st is None
+        or state.phase in TERMINAL
+        or report.phase != state.phase
+        or report.round != state.round
+        or st.state in ("done", "late")
+    ):
+        state.ignored_reports += 1
+        return False
+    st.finished_at = now
+    if report.ok:
+        st.state, st.report, st.error = "done", report, None
+    else:
+        st.state, st.error = "failed", report.error or "site reported failure"
+    return True
+
+
+def apply_merged(state: ExperimentState, ref: ArtifactRef, now: float) -> None:
+    if state.phase != "fingerprint":
+        return
+    state.merged_fingerprint = ref
+    _open_phase(state, "done" if state.stop_after == "fingerprint" else "plan", 0, now)
+
+
+def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
+    """Close the plan phase: FFE requires identical plans everywhere."""
+    reports = {s: st.report for s, st in state.sites_status.items() if st.report}
+    state.plans_sha256 = {s: r.plans_sha256 or "" for s, r in reports.items()}
+    if state.method == "ffe" and len(set(state.plans_sha256.values())) != 1:
+        return Fail(
+            "FFE sites ended with different plans: "
+            + ", ".join(f"{s}={h[:12]}" for s, h in sorted(state.plans_sha256.items()))
+        )
+    _open_phase(state, "done" if state.stop_after == "plan" else "train", 1, now)
+    return None
+
+
+def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) -> None:
+    if state.phase != "train" or record.round != state.round:
+        return
+    record.closed_at = now
+    state.history.append(record)
+    state.global_weights = record.global_weights
+    if state.round < state.rounds:
+        _open_phase(state, "train", state.round + 1, now)
+    else:
+        _open_phase(state, "validate", 0, now)
+
+
+def apply_validated(state: ExperimentState, now: float) -> None:
+    state.final_metrics = {
+        s: dict(st.report.metrics) for s, st in state.sites_status.items() if st.report
+    }
+    _open_phase(state, "done", 0, now)
+
+
+def apply_failed(state: ExperimentState, reason: str, now: float) -> None:
+    state.error = reason
+    _open_phase(state, "failed", state.round, now)
+
+
+def apply_cancelled(state: ExperimentState, now: float) -> None:
+    if state.phase not in TERMINAL:
+        state.error = "cancelled by user"
+        _open_phase(state, "cancelled", state.round, now)
+
+
+# ---------------------------------------------------------------- decisions
+def _needs_all_sites(state: ExperimentState) -> bool:
+    # Fingerprints and plans define the shared architecture: every site must take part.
+    return state.phase in ("fingerprint", "plan")
+
+
+def next_actions(
+    state: ExperimentState, now: float, heartbeats: dict[str, float] | None = None
+) -> list[Action]:
+    """What the coordinator must do now. Pure: same state and clock, same answer."""
+    if state.phase in TERMINAL:
+        return []
+    heartbeats = heartbeats or {}
+    actions: list[Action] = []
+    statuses = state.sites_status
+
+    for site, st in statuses.items():
+        if st.state == "pending":
+            actions.append(Dispatch(site, state.phase, state.round, 1))
+        elif st.state == "failed" and st.attempt < state.max_attempts:
+            actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+        elif st.state == "running":
+            last = max(heartbeats.get(site, 0.0), st.started_at or 0.0)
+            if now - last > state.heartbeat_timeout_s:
+                # The worker died mid-task (its message was acked on receipt): send it again.
+                actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+
+    done = [s for s, st in statuses.items() if st.state == "done"]
+    exhausted = [
+        s for s, st in statuses.items() if st.state == "failed" and st.attempt >= state.max_attempts
+    ]
+    needed = len(state.sites) if _needs_all_sites(state) else state.quorum
+    if len(state.sites) - len(exhausted) < needed:
+        return [
+            Fail(
+                f"{state.phase}: sites {', '.join(sorted(exhausted))} failed "
+                f"{state.max_attempts} times; cannot reach {needed} site(s)"
+            )
+        ]
+
+    reports = tuple(statuses[s].report for s in done if statuses[s].report)  # type: ignore[misc]
+    all_done = len(done) == len(state.sites)
+    deadline_passed = (
+        state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
+    )
+    if state.phase == "fingerprint" and all_done:
+        return [MergeFingerprints(reports)]
+    if state.phase == "plan" and all_done:
+        return []  # the coordinator closes it with apply_plans_checked (pure, no action needed)
+    if state.phase == "train" and (all_done or (deadline_passed and len(done) >= state.quorum)):
+        late = tuple(s for s in state.sites if s not in done)
+        return [Aggregate(state.round, reports, late)]
+    if state.phase == "validate" and (all_done or (deadline_passed and len(done) >= state.quorum)):
+        return []
+    return actions
+
+
+def phase_complete(state: ExperimentState, now: float) -> bool:
+    """Plan/validate phases close without an action of their own (see next_actions)."""
+    if state.phase not in ("plan", "validate"):
+        return False
+    done = sum(st.state == "done" for st in state.sites_status.values())
+    if done == len(state.sites):
+        return True
+    deadline_passed = (
+        state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
+    )
+    return state.phase == "validate" and deadline_passed and done >= state.quorum

@@ -1,0 +1,53 @@
+"""Checks an update must pass before it is aggregated (pure).
+
+A site update with NaN/Inf, a shape that does not match the expected
+architecture, or an absurd norm is quarantined: one bad site must not poison
+the global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+# An update whose L2 norm exceeds this many times the reference norm is absurd.
+DEFAULT_MAX_NORM_RATIO = 100.0
+
+
+def update_problems(
+    update: Mapping[str, torch.Tensor],
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    reference_norm: float | None = None,
+    max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+) -> list[str]:
+    """Every reason to refuse this update (empty list: acceptable)."""
+    problems: list[str] = []
+    if not update:
+        return ["update has no tensors"]
+    sq = 0.0
+    for name, tensor in update.items():
+        if tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{name}: NaN or Inf values")
+                continue
+            sq += float(tensor.double().pow(2).sum())
+        if expected_shapes is not None and name in expected_shapes:
+            if tuple(tensor.shape) != tuple(expected_shapes[name]):
+                problems.append(
+                    f"{name}: shape {tuple(tensor.shape)} != expected {tuple(expected_shapes[name])}"
+                )
+    norm = math.sqrt(sq)
+    if reference_norm is not None and reference_norm > 0 and norm > max_norm_ratio * reference_norm:
+        problems.append(
+            f"L2 norm {norm:.3g} is more than {max_norm_ratio:g}x the global norm "
+            f"{reference_norm:.3g}"
+        )
+    return problems
+
+
+def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(
+        sum(float(t.double().pow(2).sum()) for t in update.values() if t.is_floating_point())
+    )

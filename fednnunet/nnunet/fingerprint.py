@@ -1,0 +1,155 @@
+"""Site-side fingerprint: nnU-Net's own ``dataset_fingerprint.json`` plus a mergeable summary.
+
+The summary (schema ``fednnunet.fingerprint_summary/1``) is what leaves the site. It holds
+what nnU-Net's fingerprint already shares (spacings, shapes after crop, intensity
+statistics) in mergeable form: exact per-channel moments, min/max and a fixed-edge
+intensity histogram (see ``fednnunet.core.fingerprint_merge``), plus per-case relative
+sizes after cropping. No voxel values are included.
+
+Each case is read and cropped exactly as nnU-Net's ``DatasetFingerprintExtractor`` does
+(same reader/writer, ``crop_to_nonzero``, foreground = label > 0), but all foreground
+voxels are used instead of a random sample, so the merged result is the expectation of
+what nnU-Net computes on the pooled data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fednnunet.core.fingerprint_merge import (
+    DEFAULT_SKETCH,
+    SCHEMA,
+    merge_channel_summaries,
+    summarize_channel_cases,
+)
+from fednnunet.errors import DatasetError
+
+# Below this many cases a process pool costs more than it saves: each spawned worker
+# imports nnunetv2 (and with it torch), about 2 s on a small machine.
+_POOL_MIN_CASES = 16
+
+
+@contextlib.contextmanager
+def nnunet_env(raw_root: Path | None, preprocessed_root: Path | None) -> Iterator[None]:
+    """Point nnU-Net at explicit folders for the duration (nnunetv2 2.8 reads env lazily)."""
+    new = {"nnUNet_raw": raw_root, "nnUNet_preprocessed": preprocessed_root}
+    old = {k: os.environ.get(k) for k in new}
+    try:
+        for k, v in new.items():
+            if v is not None:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def summarize_case(
+    image_files: list[str], seg_file: str, reader_writer_class, sketch: Mapping
+) -> dict:
+    """Per-case geometry and per-channel foreground summaries (never leaves the site)."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+
+    rw = reader_writer_class()
+    images, props = rw.read_images(image_files)
+    seg, _ = rw.read_seg(seg_file)
+    cropped, seg_cropped, _ = crop_to_nonzero(images, seg)
+    fg = seg_cropped[0] > 0
+    channels = {}
+    for c in range(cropped.shape[0]):
+        channels[str(c)] = summarize_channel_cases([cropped[c][fg]], sketch)
+    return {
+        "spacing": [float(s) for s in props["spacing"]],
+        "shape_after_crop": [int(s) for s in cropped.shape[1:]],
+        "relative_size_after_cropping": float(
+            np.prod(cropped.shape[1:], dtype=np.float64) / np.prod(images.shape[1:])
+        ),
+        "channels": channels,
+    }
+
+
+def _run_nnunet_extractor(dataset_id: int, num_processes: int) -> dict:
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import (
+        DatasetFingerprintExtractor,
+    )
+
+    fpe = DatasetFingerprintExtractor(dataset_id, num_processes=num_processes)
+    fpe.show_progress_bar = False
+    return fpe.run(overwrite_existing=True)
+
+
+def summarize_dataset(
+    dataset_id: int, num_processes: int = 2, sketch: Mapping = DEFAULT_SKETCH
+) -> dict:
+    """The mergeable site summary; nnU-Net paths must already point at the dataset."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    name = maybe_convert_to_dataset_name(dataset_id)
+    folder = Path(os.fspath(nnUNet_raw)) / name
+    ds_json = json.loads((folder / "dataset.json").read_text())
+    dataset = get_filenames_of_train_images_and_targets(str(folder), ds_json)
+    if not dataset:
+        raise DatasetError(f"{name}: no training cases found in {folder}")
+    keys = list(dataset)
+    rw_class = determine_reader_writer_from_dataset_json(ds_json, dataset[keys[0]]["images"][0])
+    args = [(dataset[k]["images"], dataset[k]["label"], rw_class, dict(sketch)) for k in keys]
+    if num_processes > 1 and len(keys) >= _POOL_MIN_CASES:
+        with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+            cases = pool.starmap(summarize_case, args)
+    else:
+        cases = [summarize_case(*a) for a in args]
+
+    channel_names = ds_json.get("channel_names", ds_json.get("modality"))
+    per_channel = {
+        ch: merge_channel_summaries([c["channels"][ch] for c in cases]) for ch in channel_names
+    }
+    return {
+        "schema": SCHEMA,
+        "dataset_name": name,
+        "num_cases": len(cases),
+        "channel_names": dict(channel_names),
+        "labels": dict(ds_json["labels"]),
+        "file_ending": ds_json["file_ending"],
+        "sketch": dict(sketch),
+        "spacings": [c["spacing"] for c in cases],
+        "shapes_after_crop": [c["shape_after_crop"] for c in cases],
+        "relative_sizes_after_cropping": [c["relative_size_after_cropping"] for c in cases],
+        "intensity_per_channel": per_channel,
+    }
+
+
+def extract_site_fingerprint(
+    dataset_id: int,
+    num_processes: int = 2,
+    raw_root: Path | None = None,
+    preprocessed_root: Path | None = None,
+    run_nnunet: bool = True,
+) -> dict:
+    """Run nnU-Net's fingerprint extraction locally and return the mergeable site summary.
+
+    nnU-Net's ``dataset_fingerprint.json`` is (re)written to the preprocessed folder so the
+    site keeps a normal nnU-Net setup; ``run_nnunet=False`` skips that (faster, tests).
+    """
+    with nnunet_env(raw_root, preprocessed_root):
+        try:
+            if run_nnunet:
+                _run_nnunet_extractor(dataset_id, num_processes)
+            summary = summarize_dataset(dataset_id, num_processes)
+        except (RuntimeError, FileNotFoundError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"fingerprint of dataset {dataset_id} failed: {first}") from e
+    # Round-trip proves the summary is plain JSON (it travels through S3).
+    return json.loads(json.dumps(summary, allow_nan=False))

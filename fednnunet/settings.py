@@ -1,0 +1,76 @@
+"""Runtime settings, read from ``FEDNNUNET_*`` environment variables (and CLI flags).
+
+nnU-Net's own variables (``nnUNet_raw``, ``nnUNet_preprocessed``,
+``nnUNet_results``) keep their nnU-Net names so that a site's existing nnU-Net
+setup just works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDNNUNET_", extra="ignore")
+
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_access_key: str = "fednnunet"
+    s3_secret_key: str = "fednnunet-secret"
+    s3_secure: bool = False
+    s3_ca_file: str | None = None
+    s3_region: str = "us-east-1"
+    bucket_prefix: str = "fednnunet"
+    # Site-side settings: which site this worker is, and which local dataset it trains.
+    site_id: str | None = None
+    dataset_id: int | None = None
+    # Where a site records every object it uploads (hospital IT audits this file).
+    egress_log: str | None = None
+    # Seconds without a site heartbeat after which the coordinator re-dispatches its task.
+    heartbeat_timeout_s: float = 60.0
+    heartbeat_interval_s: float = 5.0
+    # Largest object a site may upload or the coordinator accept (bytes).
+    max_object_bytes: int = 2 * 1024**3
+    # Threads and augmentation workers for nnU-Net on this site (0 = nnU-Net default).
+    torch_threads: int = 0
+    da_processes: int = Field(default=-1, description="nnUNet_n_proc_DA; -1 keeps nnU-Net's")
+    # "nnunet" (real training) or "standin" (no compute: sleeps, exchanges real-size
+    # weights; for benchmarks and fault tests of the federation itself).
+    session: str = "nnunet"
+    standin_model: str = "tiny"
+    standin_sleep_s: float = 0.0
+    standin_dir: str | None = None
+
+
+def nnunet_paths() -> dict[str, Path | None]:
+    """The three nnU-Net folders as nnU-Net itself reads them (None if unset)."""
+    out: dict[str, Path | None] = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        val = os.environ.get(var)
+        out[var] = Path(val) if val else None
+    return out
+
+
+def require_nnunet_paths(*names: str) -> dict[str, Path]:
+    """Return the named nnU-Net folders or raise one clear error naming what is missing."""
+    from fednnunet.errors import FedError
+
+    paths = nnunet_paths()
+    missing = [n for n in names if paths.get(n) is None]
+    if missing:
+        raise FedError(
+            "nnU-Net environment variable(s) not set: "
+            + ", ".join(missing)
+            + " (export them as for plain nnU-Net)"
+        )
+    return {n: paths[n] for n in names}  # type: ignore[misc]
+
+
+def get_settings(**overrides: object) -> Settings:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**clean)

@@ -1,0 +1,291 @@
+"""What a site does for each phase: nnU-Net locally, artifacts to its own bucket.
+
+Every handler first looks for the artifact it would produce: if it exists (a
+redelivered or re-dispatched task), it reports that artifact again instead of
+redoing the work. Inputs from S3 are verified by sha256 before use; weights
+arrive as safetensors, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights
+from fednnunet.errors import FedError
+from fednnunet.keys import (
+    GLOBAL_SITE,
+    PHASE_FINGERPRINT,
+    PHASE_PLAN,
+    PHASE_TRAIN,
+    PHASE_VALIDATE,
+    artifact_key,
+    global_bucket,
+    site_bucket,
+)
+from fednnunet.messages import SiteReport, SiteTask
+from fednnunet.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class SiteService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ArtifactStore,
+        progress: Any | None = None,
+        session_factory: Any | None = None,
+    ) -> None:
+        if settings.site_id is None or settings.dataset_id is None:
+            raise FedError(
+                "a site needs FEDNNUNET_SITE_ID and FEDNNUNET_DATASET_ID (or --site/--dataset-id)"
+            )
+        self.settings = settings
+        self.site_id = settings.site_id
+        self.dataset_id = settings.dataset_id
+        self.store = store
+        self.progress = progress
+        self.bucket = site_bucket(settings.bucket_prefix, self.site_id)
+        self.global_bucket = global_bucket(settings.bucket_prefix)
+        self._sessions: dict[str, Any] = {}
+        self._session_factory = session_factory
+
+    # ------------------------------------------------------------------ entry
+    def handle(self, task: SiteTask) -> SiteReport:
+        """Run one task; never raises for a task-level failure (it is reported)."""
+        t0 = time.perf_counter()
+        if task.site_id != self.site_id:
+            return self._fail(task, f"task for site {task.site_id} reached site {self.site_id}", t0)
+        if self.progress is not None:
+            self.progress.begin(task.experiment_id, task.phase, task.round)
+        try:
+            handler = {
+                "fingerprint": self.extract_fingerprint,
+                "plan": self.plan_and_preprocess,
+                "train": self.train_round,
+                "validate": self.validate,
+            }[task.phase]
+            report = handler(task)
+            report.seconds = time.perf_counter() - t0
+            return report
+        except FedError as exc:
+            log.error("%s failed: %s", task.phase, exc)
+            return self._fail(task, str(exc), t0)
+        except Exception as exc:  # noqa: BLE001 - report, do not crash the worker
+            log.exception("%s failed", task.phase)
+            return self._fail(task, f"{type(exc).__name__}: {exc}", t0)
+        finally:
+            if self.progress is not None:
+                self.progress.end()
+
+    def _fail(self, task: SiteTask, error: str, t0: float) -> SiteReport:
+        return SiteReport(
+            experiment_id=task.experiment_id,
+            site_id=self.site_id,
+            phase=task.phase,
+            round=task.round,
+            attempt=task.attempt,
+            ok=False,
+            error=error[:2000],
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _report(self, task: SiteTask, **fields: Any) -> SiteReport:
+        return SiteReport(
+            experiment_id=task.experiment_id,
+            site_id=self.site_id,
+            phase=task.phase,
+            round=task.round,
+            attempt=task.attempt,
+            ok=True,
+            **fields,
+        )
+
+    def _key(self, task: SiteTask, phase: str, name: str, round_: int | None = None) -> str:
+        return artifact_key(
+            task.experiment_id, phase, task.round if round_ is None else round_, self.site_id, name
+        )
+
+    def _existing_meta(self, task: SiteTask, phase: str) -> dict | None:
+        ref = self.store.stat(self.bucket, self._key(task, phase, "report.json"))
+        return self.store.get_json(ref) if ref else None
+
+    def _save_meta(self, task: SiteTask, phase: str, meta: dict) -> None:
+        self.store.put_json(
+            self.bucket, self._key(task, phase, "report.json"), meta, kind=f"{phase}_report"
+        )
+
+    # ------------------------------------------------------------------ phases
+    def extract_fingerprint(self, task: SiteTask) -> SiteReport:
+        from fednnunet.nnunet.fingerprint import extract_site_fingerprint
+
+        key = self._key(task, PHASE_FINGERPRINT, "fingerprint_summary.json")
+        ref = self.store.stat(self.bucket, key)
+        if ref is None:
+            summary = extract_site_fingerprint(self.dataset_id, num_processes=2)
+            ref = self.store.put_json(self.bucket, key, summary, kind="fingerprint_summary")
+        return self._report(task, artifact=ref)
+
+    def plan_and_preprocess(self, task: SiteTask) -> SiteReport:
+        opts = task.options
+        fingerprint = None
+        if opts.method == "ffe":
+            if task.merged_fingerprint is None:
+                raise FedError("FFE planning needs the merged fingerprint")
+            fingerprint = self.store.get_json(task.merged_fingerprint)
+        if self.settings.session == "standin":
+            plans: dict = {"standin": self.settings.standin_model}
+            digest = sha256_bytes(json.dumps(plans, sort_keys=True).encode())
+        else:
+            from fednnunet.nnunet.planning import plan_and_preprocess, plans_sha256
+
+            plans = plan_and_preprocess(
+                self.dataset_id,
+                [opts.configuration],
+                fingerprint=fingerprint,
+                plans_identifier=opts.plans_identifier,
+                num_processes=2,
+            )
+            digest = plans_sha256(plans)
+        ref = self.store.put_json(
+            self.bucket, self._key(task, PHASE_PLAN, "plans.json"), plans, kind="plans"
+        )
+        return self._report(task, artifact=ref, plans_sha256=digest)
+
+    def _session(self, task: SiteTask) -> Any:
+        session = self._sessions.get(task.experiment_id)
+        if session is None:
+            factory = self._session_factory or self._default_factory()
+            opts = task.options
+            session = factory(
+                dataset_id=self.dataset_id,
+                configuration=opts.configuration,
+                fold=opts.fold,
+                trainer_name=opts.trainer,
+                plans_identifier=opts.plans_identifier,
+                device=opts.device,
+                total_epochs=opts.rounds * opts.local_epochs,
+                iterations_per_epoch=opts.iterations_per_epoch,
+                val_iterations_per_epoch=opts.val_iterations_per_epoch,
+                seed=opts.seed,
+                export_npz=opts.export_npz,
+                torch_threads=self.settings.torch_threads or None,
+                da_processes=None if self.settings.da_processes < 0 else self.settings.da_processes,
+            )
+            self._sessions[task.experiment_id] = session
+        return session
+
+    def _default_factory(self) -> Any:
+        if self.settings.session == "standin":
+            from functools import partial
+
+            from fednnunet.site.standin import StandInSession
+
+            workdir = Path(self.settings.standin_dir or f"/tmp/fednnunet-standin/{self.site_id}")
+            return partial(
+                StandInSession,
+                model=self.settings.standin_model,
+                sleep_s=self.settings.standin_sleep_s,
+                workdir=workdir,
+            )
+        from fednnunet.nnunet.session import FederatedTrainingSession
+
+        return FederatedTrainingSession
+
+    def _round_closed(self, task: SiteTask) -> bool:
+        """True when the coordinator already aggregated this round (the task is stale)."""
+        key = artifact_key(
+            task.experiment_id, PHASE_TRAIN, task.round, GLOBAL_SITE, "weights.safetensors"
+        )
+        return self.store.stat(self.global_bucket, key) is not None
+
+    def _load_global(self, task: SiteTask, session: Any) -> int:
+        if task.global_weights is None:
+            return 0
+        tensors = decode_weights(self.store.get_bytes(task.global_weights))
+        loaded = session.load_global(tensors)
+        return len(loaded)
+
+    def train_round(self, task: SiteTask) -> SiteReport:
+        update_key = self._key(task, PHASE_TRAIN, "update.safetensors")
+        existing = self.store.stat(self.bucket, update_key)
+        meta = self._existing_meta(task, PHASE_TRAIN) if existing else None
+        if existing is not None and meta is not None:
+            return self._report(
+                task, artifact=existing, num_cases=meta["num_cases"], metrics=meta["metrics"]
+            )
+        if self._round_closed(task):
+            raise FedError(f"round {task.round} is already closed; stale task skipped")
+        session = self._session(task)
+        opts = task.options
+        if task.plans_sha256 is not None:
+            self._check_plans(task, session)
+        if session.last_completed_round() < task.round:
+            loaded = self._load_global(task, session)
+            metrics = session.train_epochs(opts.local_epochs, on_iteration=self._on_iteration)
+            metrics["layers_loaded"] = float(loaded)
+            session.save_round_checkpoint(task.round)
+            self._write_local_metrics(session, task.round, metrics)
+        else:
+            metrics = self._read_local_metrics(session, task.round)
+        data = encode_weights(session.state_dict())
+        ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+        meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
+        self._save_meta(task, PHASE_TRAIN, meta)
+        if self.progress is not None:
+            self.progress.progress(bytes_sent=len(data), metrics=metrics)
+        return self._report(task, artifact=ref, num_cases=meta["num_cases"], metrics=metrics)
+
+    def _check_plans(self, task: SiteTask, session: Any) -> None:
+        if self.settings.session == "standin":
+            return
+        from fednnunet.nnunet.planning import plans_sha256
+
+        digest = plans_sha256(session.plans)
+        if digest != task.plans_sha256:
+            raise FedError(
+                f"local plans {digest[:12]} differ from the federation's "
+                f"{task.plans_sha256[:12]}; refusing to train"
+            )
+
+    def _on_iteration(self, epoch: int, iteration: int, of_iterations: int) -> None:
+        if self.progress is not None:
+            self.progress.progress(epoch=epoch, iteration=iteration, of_iterations=of_iterations)
+
+    @staticmethod
+    def _metrics_path(session: Any, round_: int) -> Path:
+        return Path(session.output_folder) / "fednnunet_rounds" / f"round_{round_:05d}.json"
+
+    def _write_local_metrics(self, session: Any, round_: int, metrics: dict) -> None:
+        path = self._metrics_path(session, round_)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics))
+
+    def _read_local_metrics(self, session: Any, round_: int) -> dict:
+        path = self._metrics_path(session, round_)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def validate(self, task: SiteTask) -> SiteReport:
+        meta = self._existing_meta(task, PHASE_VALIDATE)
+        if meta is not None:
+            return self._report(task, metrics=meta["metrics"], num_cases=meta["num_cases"])
+        session = self._session(task)
+        self._load_global(task, session)
+        result = session.finish(run_validation=True)
+        metrics = {"mean_dice": float(result.get("mean_dice", float("nan")))}
+        for label, dice in (result.get("dice_per_class") or {}).items():
+            metrics[f"dice_{label}"] = float(dice)
+        meta = {
+            "metrics": metrics,
+            "num_cases": session.num_training_cases(),
+            "results_folder": str(result.get("results_folder", "")),
+        }
+        self._save_meta(task, PHASE_VALIDATE, meta)
+        session.close()
+        self._sessions.pop(task.experiment_id, None)
+        return self._report(task, metrics=metrics, num_cases=meta["num_cases"])

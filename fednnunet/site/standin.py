@@ -1,0 +1,156 @@
+"""A training session that does no nnU-Net compute, with the real session's interface.
+
+It lets benchmarks and fault tests drive the whole federation (broker, S3,
+Redis, coordinator) with real-size weights — e.g. nnU-Net's own 2d network —
+and a controlled training time. Weights move deterministically so the final
+global model of a disturbed run can be compared with an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fednnunet.adapters.weights_codec import load_weights_file, save_weights_file
+
+
+def build_state(model: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    if model == "tiny":
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        return net.state_dict()
+    if model in ("nnunet2d", "nnunet3d"):
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        from torch import nn
+
+        if model == "nnunet2d":
+            conv, norm, stages, feats = (
+                nn.Conv2d,
+                nn.InstanceNorm2d,
+                7,
+                (32, 64, 128, 256, 512, 512, 512),
+            )
+            strides = (1, 2, 2, 2, 2, 2, 2)
+        else:
+            conv, norm, stages, feats = (
+                nn.Conv3d,
+                nn.InstanceNorm3d,
+                6,
+                (32, 64, 128, 256, 320, 320),
+            )
+            strides = (1, 2, 2, 2, 2, 2)
+        net = PlainConvUNet(
+            1,
+            stages,
+            feats,
+            conv,
+            3,
+            strides,
+            (2,) * stages,
+            3,
+            (2,) * (stages - 1),
+            True,
+            norm,
+            {"eps": 1e-5, "affine": True},
+            None,
+            None,
+            nn.LeakyReLU,
+            {"inplace": True},
+            deep_supervision=True,
+        )
+        return net.state_dict()
+    raise ValueError(f"unknown stand-in model {model!r}")
+
+
+class StandInSession:
+    def __init__(
+        self,
+        dataset_id: int,
+        configuration: str,
+        fold: int | str,
+        *,
+        seed: int = 12345,
+        model: str = "tiny",
+        sleep_s: float = 0.0,
+        workdir: Path | None = None,
+        site_salt: int | None = None,
+        **_ignored: object,
+    ) -> None:
+        self.dataset_id = dataset_id
+        self.sleep_s = sleep_s
+        self.model = model
+        self.salt = dataset_id if site_salt is None else site_salt
+        self.output_folder = Path(workdir or f"/tmp/fednnunet-standin/{dataset_id}") / (
+            f"{configuration}_fold{fold}"
+        )
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        self.plans = {"standin": model}
+        self._state = build_state(model, seed)
+        self._round = 0
+        self.epoch = 0
+        ckpt = self.output_folder / "standin_latest.safetensors"
+        side = self.output_folder / "standin_round.json"
+        if ckpt.exists() and side.exists():
+            self._state.update(load_weights_file(ckpt, expand_aliases=True))
+            info = json.loads(side.read_text())
+            self._round, self.epoch = info["round"], info["epoch"]
+
+    def num_training_cases(self) -> int:
+        return 4 + self.salt % 5
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+    def load_global(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        loaded = []
+        for k, v in tensors.items():
+            if k in self._state and self._state[k].shape == v.shape:
+                self._state[k].copy_(v)
+                loaded.append(k)
+        return loaded
+
+    def train_epochs(
+        self, n: int, on_iteration: Callable[[int, int, int], None] | None = None
+    ) -> dict[str, float]:
+        steps = 4
+        for _e in range(n):
+            for i in range(steps):
+                time.sleep(self.sleep_s / (n * steps))
+                if on_iteration is not None:
+                    on_iteration(self.epoch, i + 1, steps)
+            self.epoch += 1
+            gen = torch.Generator().manual_seed(self.salt * 100_003 + self.epoch)
+            for t in self._state.values():
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.01)
+        loss = 1.0 / (1 + self.epoch)
+        return {
+            "train_loss": loss,
+            "val_loss": loss * 1.1,
+            "pseudo_dice": 1 - loss,
+            "epoch": float(self.epoch),
+        }
+
+    def save_round_checkpoint(self, round_: int) -> None:
+        save_weights_file(self._state, self.output_folder / "standin_latest.safetensors")
+        (self.output_folder / "standin_round.json").write_text(
+            json.dumps({"round": round_, "epoch": self.epoch})
+        )
+        self._round = round_
+
+    def last_completed_round(self) -> int:
+        return self._round
+
+    def finish(self, run_validation: bool = True) -> dict:
+        return {
+            "mean_dice": 1 - 1.0 / (1 + self.epoch),
+            "dice_per_class": {},
+            "results_folder": str(self.output_folder),
+        }
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,55 @@
+import torch
+
+from fednnunet.core.aggregation import StreamingFedAvg, common_layers, fedavg
+
+
+def test_weighted_fedavg_matches_manual_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([4.0])}
+    out = fedavg([(a, 1.0), (b, 3.0)])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+    assert torch.allclose(out["b"], torch.tensor([3.0]))
+
+
+def test_common_layers_requires_same_name_and_shape_everywhere():
+    shapes = [
+        {"enc.w": (4, 3), "dec.w": (2, 2), "seg.w": (3, 1)},
+        {"enc.w": (4, 3), "dec.w": (2, 5), "seg.w": (3, 1)},
+        {"enc.w": (4, 3), "seg.w": (3, 1), "extra": (1,)},
+    ]
+    assert common_layers(shapes) == ["enc.w", "seg.w"]
+
+
+def test_asymmetric_updates_average_only_common_layers():
+    a = {"enc": torch.ones(3), "head": torch.zeros(2)}
+    b = {"enc": torch.full((3,), 3.0), "head": torch.zeros(5)}
+    out = fedavg([(a, 1.0), (b, 1.0)])
+    assert set(out) == {"enc"}
+    assert torch.allclose(out["enc"], torch.full((3,), 2.0))
+
+
+def test_streaming_keeps_dtype_and_takes_first_integer_counter():
+    acc = StreamingFedAvg(["w", "n"])
+    acc.add({"w": torch.ones(2, dtype=torch.float16), "n": torch.tensor(5)}, 1.0)
+    acc.add({"w": torch.zeros(2, dtype=torch.float16), "n": torch.tensor(9)}, 1.0)
+    out = acc.result({"w": torch.float16})
+    assert out["w"].dtype == torch.float16
+    assert torch.allclose(out["w"].float(), torch.full((2,), 0.5))
+    assert int(out["n"]) == 5
+
+
+def test_streaming_equals_in_memory_for_many_sites():
+    gen = torch.Generator().manual_seed(0)
+    updates = [({"x": torch.randn(50, generator=gen)}, float(i + 1)) for i in range(8)]
+    expected = sum(u["x"] * w for u, w in updates) / sum(w for _, w in updates)
+    assert torch.allclose(fedavg(updates)["x"], expected, atol=1e-6)
+
+
+def test_bad_weight_rejected():
+    acc = StreamingFedAvg(["x"])
+    for bad in (0.0, -1.0, float("nan")):
+        try:
+            acc.add({"x": torch.ones(1)}, bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"weight {bad} accepted")

@@ -1,0 +1,56 @@
+"""nnUNetv2_train flags in a spec: parsed like nnU-Net, mapped onto TrainingOptions."""
+
+from __future__ import annotations
+
+import pytest
+
+from fednnunet.errors import FedError
+from fednnunet.messages import TrainingOptions
+from fednnunet.nnunet.train_args import parse_nnunet_train_args
+
+
+def test_defaults_match_nnunetv2_train() -> None:
+    out = parse_nnunet_train_args([])
+    assert out["trainer"] == "nnUNetTrainer"
+    assert out["plans_identifier"] == "nnUNetPlans"
+    assert out["device"] == "cuda"
+    assert out["export_npz"] is False
+    assert out["num_gpus"] == 1 and out["pretrained_weights"] is None
+
+
+def test_flags_map_onto_training_options() -> None:
+    out = parse_nnunet_train_args(
+        ["-tr", "nnUNetTrainerNoMirroring", "-p", "nnUNetResEncUNetMPlans", "-device", "cpu",
+         "--npz", "--disable_checkpointing", "--use_compressed", "-num_gpus", "1"]
+    )  # fmt: skip
+    assert out["disable_checkpointing"] and out["use_compressed"]
+    fields = {k: v for k, v in out.items() if k in TrainingOptions.model_fields}
+    assert set(fields) == {"trainer", "plans_identifier", "device", "export_npz"}
+    opts = TrainingOptions(configuration="2d", fold=0, **fields)
+    assert opts.trainer == "nnUNetTrainerNoMirroring"
+    assert opts.plans_identifier == "nnUNetResEncUNetMPlans"
+    assert opts.device == "cpu" and opts.export_npz is True
+
+
+def test_pretrained_and_validation_flags() -> None:
+    out = parse_nnunet_train_args(["-pretrained_weights", "/x/ckpt.pth", "--val", "--val_best"])
+    assert out["pretrained_weights"] == "/x/ckpt.pth"
+    assert out["only_run_validation"] and out["val_with_best"]
+    assert parse_nnunet_train_args(["--c"])["continue_training"] is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--bogus", "-x", "3"], r"--bogus -x 3"),
+        (["-num_gpus", "2"], "num_gpus 2"),
+        (["-device", "tpu"], "-device"),
+        (["-num_gpus", "two"], "invalid"),
+        (["--c", "--val"], "--c and --val"),
+        (["--val_best", "--disable_checkpointing"], "--val_best"),
+        (["-tr"], "-tr"),
+    ],
+)
+def test_rejections_name_the_problem(argv: list[str], match: str) -> None:
+    with pytest.raises(FedError, match=match):
+        parse_nnunet_train_args(argv)

@@ -1,0 +1,92 @@
+"""Site worker: Celery tasks on queue ``site.<id>`` that only wire SiteService.
+
+Runs with the solo pool (nnU-Net starts its own processes; prefork children are
+daemonic and cannot) and the spawn start method (fork-based pools inside
+nnU-Net would inherit Celery's signal handlers and hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+
+from celery import Celery
+
+from fednnunet.adapters.broker import (
+    REPORT_TASK,
+    SITE_TASKS,
+    ProgressPublisher,
+    coordinator_queue,
+    make_celery,
+)
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.messages import SiteReport, SiteTask
+from fednnunet.settings import Settings
+from fednnunet.site.service import SiteService
+
+log = logging.getLogger(__name__)
+
+
+def send_report(app: Celery, report: SiteReport) -> None:
+    app.send_task(
+        REPORT_TASK, args=[report.model_dump(mode="json")], queue=coordinator_queue(no_declare=True)
+    )
+
+
+def build_site_app(settings: Settings, service: SiteService | None = None) -> Celery:
+    """The Celery app of one site; ``service`` may be injected (tests, benchmarks)."""
+    app = make_celery(settings, "site", settings.site_id)
+    state: dict[str, SiteService] = {}
+
+    def get_service() -> SiteService:
+        if "svc" not in state:
+            state["svc"] = service or SiteService(
+                settings,
+                ArtifactStore(settings),
+                progress=ProgressPublisher(settings, settings.site_id or "?"),
+            )
+        return state["svc"]
+
+    def make_task(phase: str, name: str) -> None:
+        @app.task(name=name, acks_late=False, ignore_result=True)
+        def _task(payload: dict) -> None:  # noqa: ARG001 - one closure per phase
+            task = SiteTask.model_validate(payload)
+            log.info(
+                "site %s: %s round %s of %s (attempt %s)",
+                task.site_id,
+                task.phase,
+                task.round,
+                task.experiment_id,
+                task.attempt,
+            )
+            report = get_service().handle(task)
+            send_report(app, report)
+
+    for phase, name in SITE_TASKS.items():
+        make_task(phase, name)
+    return app
+
+
+def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
+    return [
+        "worker",
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--queues",
+        f"site.{settings.site_id}",
+        "--hostname",
+        f"site-{settings.site_id}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--loglevel",
+        loglevel,
+    ]
+
+
+def run_site_worker(settings: Settings, loglevel: str = "INFO") -> None:
+    multiprocessing.set_start_method("spawn", force=True)
+    app = build_site_app(settings)
+    app.worker_main(worker_argv(settings, loglevel))
