@@ -219,6 +219,11 @@ class FederatedTrainingSession:
         return int(self.trainer.current_epoch)
 
     @property
+    def plans(self) -> dict:
+        """The plans this trainer was built from (what the federation hashes)."""
+        return self.trainer.plans_manager.plans
+
+    @property
     def output_folder(self) -> Path:
         return Path(self.trainer.output_folder)
 

@@ -176,6 +176,7 @@ class SiteService:
                 export_npz=opts.export_npz,
                 torch_threads=self.settings.torch_threads or None,
                 da_processes=None if self.settings.da_processes < 0 else self.settings.da_processes,
+                run_id=task.experiment_id,
             )
             self._sessions[task.experiment_id] = session
         return session
