@@ -33,6 +33,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from fednnunet.keys import (
     COORDINATOR_QUEUE,
@@ -84,6 +85,20 @@ def site_s3_credentials(site: str, seed: str | None = None) -> tuple[str, str]:
 def site_amqp_credentials(site: str, seed: str | None = None) -> tuple[str, str]:
     """(user, password) of a site's RabbitMQ user."""
     return site_user(site), derive_secret(seed or credential_seed(), "amqp", site)
+
+
+def broker_url(
+    user: str,
+    password: str,
+    host: str = "127.0.0.1",
+    vhost: str = DEFAULT_VHOST,
+    tls: bool = False,
+    port: int | None = None,
+) -> str:
+    """AMQP URL for kombu/Celery (``amqps://`` on 5671 when ``tls``)."""
+    scheme, default_port = ("amqps", 5671) if tls else ("amqp", 5672)
+    creds = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    return f"{scheme}://{creds}@{host}:{port or default_port}/{quote(vhost, safe='')}"
 
 
 # ----------------------------------------------------------------------------- S3
@@ -199,6 +214,28 @@ def site_permissions(site: str) -> AmqpPermissions:
     )
 
 
+@dataclass(frozen=True)
+class TopicPermission:
+    """Routing-key regexes on one topic exchange (RabbitMQ topic authorisation)."""
+
+    exchange: str
+    write: str
+    read: str
+
+
+def site_topic_permission(site: str) -> TopicPermission:
+    """A site may only publish progress under its own id: ``<experiment>.<site>.<kind>``.
+
+    Without this, a site could forge heartbeats for another site and keep a dead
+    site's task from being re-dispatched.
+    """
+    return TopicPermission(
+        exchange=PROGRESS_EXCHANGE,
+        write=rf"^[^.]+\.{re.escape(_check_site(site))}\.[^.]+$",
+        read="^$",
+    )
+
+
 def coordinator_permissions() -> AmqpPermissions:
     return AmqpPermissions(configure=".*", write=".*", read=".*")
 
@@ -235,18 +272,24 @@ def rabbitmq_definitions(
     coord_pw = coordinator_password or derive_secret(seed, "amqp", COORDINATOR_USER)
     users = [{"name": COORDINATOR_USER, "password": coord_pw, "tags": "administrator"}]
     perms = [_perm_entry(COORDINATOR_USER, vhost, coordinator_permissions())]
+    topic_perms = []
     for site in sites:
         user, pw = site_amqp_credentials(site, seed)
         if site_passwords and site in site_passwords:
             pw = site_passwords[site]
         users.append({"name": user, "password": pw, "tags": ""})
         perms.append(_perm_entry(user, vhost, site_permissions(site)))
+        t = site_topic_permission(site)
+        topic_perms.append(
+            {"user": user, "vhost": vhost, "exchange": t.exchange, "write": t.write, "read": t.read}
+        )
     exchanges, queues = topology(sites)
     return {
         "rabbit_version": "3.13.0",
         "users": users,
         "vhosts": [{"name": vhost}],
         "permissions": perms,
+        "topic_permissions": topic_perms,
         "exchanges": [
             {
                 "name": n,
@@ -302,9 +345,10 @@ def _ctl(rabbitmqctl: str, *args: str, check: bool = True) -> subprocess.Complet
     )
 
 
-def _existing_users(rabbitmqctl: str) -> set[str]:
-    out = _ctl(rabbitmqctl, "-q", "list_users", "--formatter", "json").stdout
-    return {u["user"] for u in json.loads(out or "[]")}
+def ensure_vhost(vhost: str, rabbitmqctl: str = "rabbitmqctl") -> None:
+    vhosts = _ctl(rabbitmqctl, "-q", "list_vhosts", "--formatter", "json").stdout
+    if vhost not in {v["name"] for v in json.loads(vhosts or "[]")}:
+        _ctl(rabbitmqctl, "add_vhost", vhost)
 
 
 def ensure_user(
@@ -314,19 +358,22 @@ def ensure_user(
     vhost: str = DEFAULT_VHOST,
     tags: str = "",
     rabbitmqctl: str = "rabbitmqctl",
+    topic: TopicPermission | None = None,
 ) -> None:
-    """Create or update one user and its permissions on ``vhost`` (idempotent)."""
-    if user in _existing_users(rabbitmqctl):
+    """Create or update one user and its permissions on an existing ``vhost`` (idempotent)."""
+    added = _ctl(rabbitmqctl, "add_user", user, password, check=False)
+    if added.returncode != 0:
+        if "already exists" not in (added.stdout + added.stderr):
+            raise RuntimeError(f"rabbitmqctl add_user {user} failed: {added.stderr.strip()}")
         _ctl(rabbitmqctl, "change_password", user, password)
-    else:
-        _ctl(rabbitmqctl, "add_user", user, password)
     _ctl(rabbitmqctl, "set_user_tags", user, *([tags] if tags else []))
-    vhosts = _ctl(rabbitmqctl, "-q", "list_vhosts", "--formatter", "json").stdout
-    if vhost not in {v["name"] for v in json.loads(vhosts or "[]")}:
-        _ctl(rabbitmqctl, "add_vhost", vhost)
-    _ctl(
-        rabbitmqctl, "set_permissions", "-p", vhost, user, perms.configure, perms.write, perms.read
-    )
+    regexes = (perms.configure, perms.write, perms.read)
+    _ctl(rabbitmqctl, "set_permissions", "-p", vhost, user, *regexes)
+    if topic is not None:
+        _ctl(
+            rabbitmqctl, "set_topic_permissions", "-p", vhost, user,
+            topic.exchange, topic.write, topic.read,
+        )  # fmt: skip
 
 
 def delete_user(user: str, rabbitmqctl: str = "rabbitmqctl") -> None:
@@ -343,13 +390,15 @@ def provision_broker(
     """Create the coordinator and per-site users on a running broker; returns user->password."""
     seed = seed or credential_seed()
     coord_pw = coordinator_password or derive_secret(seed, "amqp", COORDINATOR_USER)
+    ensure_vhost(vhost, rabbitmqctl)
     ensure_user(
         COORDINATOR_USER, coord_pw, coordinator_permissions(), vhost, "administrator", rabbitmqctl
     )
     out = {COORDINATOR_USER: coord_pw}
     for site in sites:
         user, pw = site_amqp_credentials(site, seed)
-        ensure_user(user, pw, site_permissions(site), vhost, "", rabbitmqctl)
+        topic = site_topic_permission(site)
+        ensure_user(user, pw, site_permissions(site), vhost, "", rabbitmqctl, topic)
         out[user] = pw
     return out
 

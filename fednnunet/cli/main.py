@@ -238,6 +238,37 @@ def experiment_cancel(
     console.print(f"cancel requested for {experiment_id}")
 
 
+@experiment_app.command("plot")
+@clean_errors
+def experiment_plot(
+    experiment_id: str,
+    output: Path = typer.Option(Path("progress.png"), "--output", "-o"),
+    redis_url: str = RedisOpt,
+    s3_endpoint: str = S3Opt,
+) -> None:
+    """Fetch the latest per-round progress picture (loss, pseudo-Dice) from S3."""
+    from fednnunet.adapters.s3_store import ArtifactStore
+    from fednnunet.keys import global_bucket
+
+    settings = _settings(None, redis_url, s3_endpoint)
+    store = ArtifactStore(settings, retry_total_s=10)
+    bucket = global_bucket(settings.bucket_prefix)
+    keys = sorted(
+        k for k in store.list_keys(bucket, f"{experiment_id}/plots/") if k.endswith(".png")
+    )
+    if keys:
+        ref = store.stat(bucket, keys[-1])
+        output.write_bytes(store.get_bytes(ref))
+    else:
+        from fednnunet.coordinator.plots import render_png
+
+        _, state = _load_state(settings, experiment_id)
+        if not state.history:
+            raise FedError(f"experiment {experiment_id} has no completed round yet")
+        output.write_bytes(render_png(state))
+    console.print(f"wrote {output}")
+
+
 @experiment_app.command("list")
 @clean_errors
 def experiment_list(redis_url: str = RedisOpt) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,53 @@ class AggregationResult:
     quarantined: dict[str, str] = field(default_factory=dict)
     layers_averaged: int = 0
     seconds: float = 0.0
+
+
+def screen_update_file(
+    path: Path,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None,
+    reference_norm: float | None,
+) -> list[str]:
+    """Reasons to quarantine the update in ``path`` (one update in memory at a time)."""
+    tensors = load_weights_file(path)
+    return update_problems(tensors, expected_shapes=expected_shapes, reference_norm=reference_norm)
+
+
+def aggregate_files(
+    paths: Sequence[Path],
+    weights: Sequence[float],
+    out_path: Path,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Weighted FedAvg of safetensors update files into ``out_path``; returns the layers averaged.
+
+    Only the headers are read up front; updates are then loaded one at a time,
+    so peak memory is the accumulator plus one update whatever ``len(paths)``.
+    The alias map of the first update that has one is written with the result,
+    so sites can rebuild nnU-Net's full key set.
+    """
+    if not paths or len(paths) != len(weights):
+        raise ValueError("need one weight per update file, and at least one file")
+    headers = []
+    aliases_of_first: dict[str, str] = {}
+    for path in paths:
+        shapes, aliases, _ = read_file_header(path)
+        headers.append(shapes)
+        if not aliases_of_first:
+            aliases_of_first = aliases
+    names = common_layers(headers)
+    acc = StreamingFedAvg(names)
+    dtypes: dict = {}
+    for path, weight in zip(paths, weights, strict=True):
+        update = load_weights_file(path, names)
+        if not dtypes:
+            dtypes = {n: t.dtype for n, t in update.items()}
+        acc.add(update, float(weight), owned=True)
+        del update
+    result = acc.result(dtypes)
+    full = join_aliases(result, {a: c for a, c in aliases_of_first.items() if c in result})
+    save_weights_file(full, out_path, metadata=metadata)
+    return names
 
 
 def aggregate_round(
@@ -54,52 +101,35 @@ def aggregate_round(
         ref_norm = l2_norm(load_weights_file(prev_path))
 
     accepted: list[tuple[SiteReport, Path]] = []
-    headers: list[dict[str, tuple[int, ...]]] = []
-    aliases_of_first: dict[str, str] = {}
     for report in reports:
         if report.artifact is None or report.num_cases <= 0:
             quarantined[report.site_id] = "no update or no training cases"
             continue
         try:
             path = store.get_file(report.artifact)
-            shapes, aliases, _ = read_file_header(path)
-            tensors = load_weights_file(path)
+            # With differing plans (AsymFedAvg) shapes legitimately differ between sites.
+            expected = ref_shapes if strict_shapes else None
+            problems = screen_update_file(path, expected, ref_norm)
         except (FedError, ValueError, OSError) as exc:
             quarantined[report.site_id] = str(exc)
             continue
-        # With differing plans (AsymFedAvg) shapes legitimately differ between sites.
-        expected = ref_shapes if strict_shapes else None
-        problems = update_problems(tensors, expected_shapes=expected, reference_norm=ref_norm)
-        del tensors
         if problems:
             quarantined[report.site_id] = "; ".join(problems[:3])
             continue
         accepted.append((report, path))
-        headers.append(shapes)
-        if not aliases_of_first:
-            aliases_of_first = aliases
 
     if len(accepted) < min_participants:
         return AggregationResult(
             None, [r.site_id for r, _ in accepted], quarantined, seconds=time.perf_counter() - t0
         )
 
-    names = common_layers(headers)
-    acc = StreamingFedAvg(names)
-    dtypes = {}
-    for report, path in accepted:
-        update = load_weights_file(path, names)
-        if not dtypes:
-            dtypes = {n: t.dtype for n, t in update.items()}
-        acc.add(update, float(report.num_cases))
-        del update
-    result = acc.result(dtypes)
-    # Keep aliases whose canonical tensor is in the result so sites rebuild nnU-Net's keys.
-    full = join_aliases(result, {a: c for a, c in aliases_of_first.items() if c in result})
     with tempfile.TemporaryDirectory(prefix="fednnunet-agg-") as tmp:
         out = Path(tmp) / "weights.safetensors"
-        save_weights_file(
-            full, out, metadata={"participants": ",".join(r.site_id for r, _ in accepted)}
+        names = aggregate_files(
+            [path for _, path in accepted],
+            [float(r.num_cases) for r, _ in accepted],
+            out,
+            metadata={"participants": ",".join(r.site_id for r, _ in accepted)},
         )
         ref = store.put_file(target_bucket, target_key, out, kind="global_weights")
     return AggregationResult(

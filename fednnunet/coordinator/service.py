@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 
 from fednnunet.adapters.redis_state import RedisState
@@ -35,6 +36,11 @@ from fednnunet.spec import ExperimentSpec
 
 log = logging.getLogger(__name__)
 
+
+def plot_key(experiment_id: str, round_: int) -> str:
+    return artifact_key(experiment_id, "plots", round_, GLOBAL_SITE, "progress.png")
+
+
 SendTask = Callable[[SiteTask], None]
 
 
@@ -46,6 +52,7 @@ class Coordinator:
         store: ArtifactStore,
         send_task: SendTask,
         clock: Callable[[], float] = time.time,
+        render_plots: bool = True,
     ) -> None:
         self.settings = settings
         self.redis = state
@@ -53,6 +60,9 @@ class Coordinator:
         self.send_task = send_task
         self.clock = clock
         self.global_bucket = global_bucket(settings.bucket_prefix)
+        # Pictures are drawn off the critical path: the next round is already dispatched.
+        self._plots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-plot")
+        self.render_plots = render_plots
 
     # ------------------------------------------------------------ entry points
     def start(self, spec: ExperimentSpec) -> sm.ExperimentState:
@@ -142,6 +152,8 @@ class Coordinator:
                 self._perform(state, action, now)
             changed = state.seq != seq_before
             self._save(state, journal=changed)
+            if changed and self.render_plots and state.history:
+                self._plots.submit(self._store_plot, state.model_copy(deep=True))
             if not changed:
                 break
         return state
@@ -291,6 +303,16 @@ class Coordinator:
         }
         key = artifact_key(state.experiment_id, "final", 0, GLOBAL_SITE, "summary.json")
         self._put_once_json(key, summary, kind="final_summary")
+
+    def _store_plot(self, state: sm.ExperimentState) -> None:
+        try:
+            from fednnunet.coordinator.plots import render_png
+
+            key = plot_key(state.experiment_id, state.history[-1].round)
+            if self.store.stat(self.global_bucket, key) is None:
+                self.store.put_bytes(self.global_bucket, key, render_png(state), kind="plot")
+        except Exception:  # noqa: BLE001 - a picture must never stop training
+            log.exception("rendering the progress plot failed")
 
     # ------------------------------------------------------------ persistence
     def _put_once_json(self, key: str, obj: object, kind: str) -> ArtifactRef:

@@ -44,19 +44,30 @@ class StreamingFedAvg:
         self._sum: dict[str, torch.Tensor] = {}
         self._total_weight = 0.0
         self._count = 0
+        self._result: dict[str, torch.Tensor] | None = None
 
-    def add(self, update: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, update: Mapping[str, torch.Tensor], weight: float, owned: bool = False) -> None:
+        """Add ``weight`` × ``update``.
+
+        ``owned``: the caller gives up the update's tensors (e.g. freshly loaded
+        from a file), so the first one can become the accumulator without a copy.
+        """
         if not (weight > 0 and math.isfinite(weight)):
             raise ValueError(f"update weight must be positive and finite, got {weight}")
+        if self._result is not None:
+            raise RuntimeError("result() was already taken; start a new StreamingFedAvg")
         for name in self._names:
             tensor = update[name]
             acc = self._sum.get(name)
             if acc is None:
                 if tensor.is_floating_point():
                     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-                    self._sum[name] = tensor.to(dtype=dtype, copy=True).mul_(weight)
+                    if owned and tensor.dtype == dtype and tensor.is_contiguous():
+                        self._sum[name] = tensor.mul_(weight)  # in place: no copy
+                    else:
+                        self._sum[name] = tensor.to(dtype=dtype, copy=True).mul_(weight)
                 else:
-                    self._sum[name] = tensor.clone()
+                    self._sum[name] = tensor if owned else tensor.clone()
             elif acc.is_floating_point():
                 acc.add_(tensor.to(acc.dtype), alpha=weight)
         self._total_weight += weight
@@ -67,12 +78,20 @@ class StreamingFedAvg:
         return self._count
 
     def result(self, dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
-        """The weighted mean; optionally cast back to each layer's original dtype."""
+        """The weighted mean; optionally cast back to each layer's original dtype.
+
+        The mean is computed in place on the first call (no further add()).
+        """
         if self._count == 0:
             raise ValueError("no update was added")
+        if self._result is None:
+            # Divide in place: a second model-sized buffer would raise the peak by one model.
+            for acc in self._sum.values():
+                if acc.is_floating_point():
+                    acc.div_(self._total_weight)
+            self._result = self._sum
         out = {}
-        for name, acc in self._sum.items():
-            value = acc / self._total_weight if acc.is_floating_point() else acc
+        for name, value in self._result.items():
             if dtypes is not None and name in dtypes:
                 value = value.to(dtypes[name])
             out[name] = value

@@ -187,7 +187,8 @@ class SiteService:
 
             from fednnunet.site.standin import StandInSession
 
-            workdir = Path(self.settings.standin_dir or f"/tmp/fednnunet-standin/{self.site_id}")
+            # One folder per site: simulated sites share FEDNNUNET_STANDIN_DIR.
+            workdir = Path(self.settings.standin_dir or "/tmp/fednnunet-standin") / self.site_id
             return partial(
                 StandInSession,
                 model=self.settings.standin_model,

@@ -78,14 +78,19 @@ class StandInSession:
         sleep_s: float = 0.0,
         workdir: Path | None = None,
         site_salt: int | None = None,
+        run_id: str | None = None,
         **_ignored: object,
     ) -> None:
         self.dataset_id = dataset_id
         self.sleep_s = sleep_s
         self.model = model
         self.salt = dataset_id if site_salt is None else site_salt
-        self.output_folder = Path(workdir or f"/tmp/fednnunet-standin/{dataset_id}") / (
-            f"{configuration}_fold{fold}"
+        # One folder per run (experiment): concurrent experiments at a site must not
+        # resume from each other's checkpoints.
+        self.output_folder = (
+            Path(workdir or f"/tmp/fednnunet-standin/{dataset_id}")
+            / (run_id or "default")
+            / f"{configuration}_fold{fold}"
         )
         self.output_folder.mkdir(parents=True, exist_ok=True)
         self.plans = {"standin": model}

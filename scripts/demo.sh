@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: a 3-site federated (FFE) nnU-Net experiment on synthetic data, end to end,
+# on this machine; prints per-site Dice. Results land in demo_run/results (plain nnU-Net).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+bash scripts/setup.sh
+bash deploy/local/stack.sh up
+exec .venv/bin/fednnunet demo "$@"

@@ -1,0 +1,90 @@
+"""The progress picture and the live view, rendered from a real ExperimentState."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from fednnunet.cli.view import render, status_dict
+from fednnunet.coordinator.plots import build_figure, global_series, render_png
+from fednnunet.core import state_machine as sm
+from fednnunet.messages import ArtifactRef, SiteReport
+
+REF = ArtifactRef(bucket="b", key="k", sha256="0" * 64, size=1)
+
+
+def _state_with_rounds(n: int = 3) -> sm.ExperimentState:
+    s = sm.new_experiment("exp-view", "asym", ["901", "902", "903"], 5, 2, {}, 0.0)
+    sm.apply_plans_checked(s, 0.0)
+    for r in range(1, n + 1):
+        metrics = {
+            site: {"train_loss": 1.0 / (r + i), "pseudo_dice": 0.2 * r + 0.01 * i}
+            for i, site in enumerate(s.sites)
+        }
+        sm.apply_aggregated(
+            s,
+            sm.RoundRecord(
+                round=r,
+                participants=list(s.sites),
+                global_weights=REF,
+                metrics=metrics,
+                num_cases={"901": 4, "902": 8, "903": 4},
+                opened_at=float(r),
+            ),
+            float(r + 1),
+        )
+    return s
+
+
+def test_png_has_a_curve_per_site_and_a_global_curve():
+    state = _state_with_rounds(3)
+    fig = build_figure(state)
+    for ax in fig.axes:
+        assert len(ax.lines) == 4  # 3 sites + global
+        assert all(len(line.get_xdata()) == 3 for line in ax.lines)
+    png = render_png(state)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_global_series_is_case_weighted():
+    state = _state_with_rounds(1)
+    m = state.history[0].metrics
+    expected = (
+        m["901"]["train_loss"] * 4 + m["902"]["train_loss"] * 8 + m["903"]["train_loss"] * 4
+    ) / 16
+    assert abs(global_series(state, "train_loss")[0] - expected) < 1e-12
+
+
+def test_watch_view_shows_every_site_round_and_progress():
+    state = _state_with_rounds(2)
+    st = state.sites_status
+    st["901"].state, st["902"].state = "running", "done"
+    st["902"].report = SiteReport(
+        experiment_id="exp-view",
+        site_id="902",
+        phase="train",
+        round=3,
+        ok=True,
+        metrics={"train_loss": 0.25, "pseudo_dice": 0.75},
+    )
+    st["903"].state = "late"
+    progress = {"901": {"epoch": 2, "iteration": 7, "of_iterations": 250, "metrics": {}}}
+    console = Console(record=True, width=140)
+    console.print(render(state, progress, {"901": 31_000_000}, {"901": 1e18}))
+    text = console.export_text()
+    for needle in (
+        "exp-view",
+        "round 3/5",
+        "901",
+        "902",
+        "903",
+        "running",
+        "done",
+        "late",
+        "it 7/250",
+        "0.2500",
+        "0.750",
+        "31.0",
+    ):
+        assert needle in text, needle
+    info = status_dict(state, progress, {}, {})
+    assert info["round"] == 3 and set(info["sites"]) == {"901", "902", "903"}
