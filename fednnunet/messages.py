@@ -63,6 +63,8 @@ class SiteReport(BaseModel):
     attempt: int = 1
     ok: bool
     error: str | None = None
+    # False for errors that another attempt cannot fix (e.g. a malformed dataset).
+    retryable: bool = True
     artifact: ArtifactRef | None = None
     plans_sha256: str | None = None
     num_cases: int = 0

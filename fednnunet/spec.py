@@ -143,7 +143,10 @@ def load_spec(path: Path | None, overrides: dict[str, Any] | None = None) -> Exp
         except FileNotFoundError:
             raise FedError(f"spec file not found: {path}") from None
         except yaml.YAMLError as exc:
-            raise FedError(f"spec file {path} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise FedError(f"spec file {path} is not valid YAML: {problem}{where}") from None
         if not isinstance(loaded, dict):
             raise SpecError(["spec: the YAML document must be a mapping"])
         data.update(loaded)

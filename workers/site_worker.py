@@ -11,15 +11,18 @@ import logging
 import multiprocessing
 
 from celery import Celery
+from celery.worker.request import Request
 
 from fednnunet.adapters.broker import (
     REPORT_TASK,
+    RESULTS_EXCHANGE,
     SITE_TASKS,
     ProgressPublisher,
     coordinator_queue,
     make_celery,
 )
 from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.keys import COORDINATOR_QUEUE
 from fednnunet.messages import SiteReport, SiteTask
 from fednnunet.settings import Settings
 from fednnunet.site.service import SiteService
@@ -27,9 +30,31 @@ from fednnunet.site.service import SiteService
 log = logging.getLogger(__name__)
 
 
+class AckOnReceipt(Request):
+    """Acknowledge a site task before it runs, for real.
+
+    Celery's ``acks_late=False`` only *schedules* the ack on the worker's event loop,
+    which the solo pool blocks until the task returns: a training round stayed
+    unacked for its whole duration, so RabbitMQ's consumer_timeout killed the
+    channel and redelivered it, and a SIGKILLed worker's task came back too.
+    Writing the ack frame here (same thread as the event loop) sends it at once.
+    """
+
+    def acknowledge(self) -> None:
+        if not self.acknowledged:
+            self.message.ack_log_error(log, self._connection_errors)
+            self.acknowledged = True
+
+
 def send_report(app: Celery, report: SiteReport) -> None:
+    # Explicit exchange: a site may not publish to the default exchange (it could reach
+    # any queue by name).
     app.send_task(
-        REPORT_TASK, args=[report.model_dump(mode="json")], queue=coordinator_queue(no_declare=True)
+        REPORT_TASK,
+        args=[report.model_dump(mode="json")],
+        queue=coordinator_queue(no_declare=True),
+        exchange=RESULTS_EXCHANGE.name,
+        routing_key=COORDINATOR_QUEUE,
     )
 
 
@@ -48,7 +73,7 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
         return state["svc"]
 
     def make_task(phase: str, name: str) -> None:
-        @app.task(name=name, acks_late=False, ignore_result=True)
+        @app.task(name=name, acks_late=False, ignore_result=True, Request=AckOnReceipt)
         def _task(payload: dict) -> None:  # noqa: ARG001 - one closure per phase
             task = SiteTask.model_validate(payload)
             log.info(

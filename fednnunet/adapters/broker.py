@@ -112,8 +112,13 @@ def make_celery(settings: Settings, role: str, site_id: str | None = None) -> Ce
             raise ValueError("a site worker needs a site id")
         # The main thread is busy training for minutes and the solo pool sends no
         # heartbeats meanwhile: disable them (TCP keepalive still detects dead peers).
+        # Least privilege: a site never declares anything (its queue is declared by the
+        # coordinator or provisioning) and publishes only to fednnunet.results/progress.
         conf.update(
-            task_queues=[site_task_queue(site_id)], task_acks_late=False, broker_heartbeat=0
+            task_queues=[site_task_queue(site_id, no_declare=True)],
+            task_acks_late=False,
+            broker_heartbeat=0,
+            broker_transport_options={"confirm_publish": True},
         )
     elif role == "coordinator":
         conf.update(

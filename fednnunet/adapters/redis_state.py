@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Iterator
 
 import redis
@@ -68,11 +69,13 @@ class RedisState:
 
     @contextlib.contextmanager
     def locked(
-        self, experiment: str, timeout_s: float = 300.0, wait_s: float = 600.0
+        self, experiment: str, timeout_s: float = 20.0, wait_s: float = 600.0
     ) -> Iterator[None]:
         """Exclusive section per experiment: two coordinators never decide at once.
 
-        The lock expires (a SIGKILLed coordinator does not block forever).
+        The lock expires ``timeout_s`` after its holder stops renewing it, so a
+        SIGKILLed coordinator blocks its successor for seconds, not minutes; a live
+        holder renews it from a thread, so a long aggregation keeps it.
         """
         lock = self.r.lock(
             self._k(experiment, "lock"),
@@ -82,9 +85,22 @@ class RedisState:
         )
         if not lock.acquire():
             raise TimeoutError(f"could not lock experiment {experiment}")
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(timeout_s / 3):
+                try:
+                    lock.reacquire()
+                except redis.RedisError:
+                    return
+
+        renewer = threading.Thread(target=renew, name="fednnunet-lock", daemon=True)
+        renewer.start()
         try:
             yield
         finally:
+            done.set()
+            renewer.join()
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
 

@@ -25,7 +25,7 @@ app = typer.Typer(
 experiment_app = typer.Typer(help="Start, watch and control experiments.", no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -367,10 +367,11 @@ def run(
     folds = list(range(5)) if fold == "all" else [int(fold)]
     settings = _settings()
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    config_tag = configuration.replace("_", "-")
     for f in folds:
         spec = parse_spec(
             {
-                "experiment_id": f"sim-{stamp}-{configuration.replace('_', '-')}-f{f}-{command[:5]}",
+                "experiment_id": f"sim-{stamp}-{config_tag}-f{f}-{command[:5]}",
                 "sites": ids,
                 "configuration": configuration,
                 "fold": f,

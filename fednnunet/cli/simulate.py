@@ -15,11 +15,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fednnunet.adapters.broker import START_TASK, coordinator_queue, make_celery
+from fednnunet.adapters.broker import START_TASK, coordinator_queue, declare_topology, make_celery
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.core.state_machine import TERMINAL, ExperimentState
 from fednnunet.errors import FedError
-from fednnunet.settings import Settings
+from fednnunet.settings import Settings, get_settings
 from fednnunet.spec import ExperimentSpec
 
 
@@ -123,6 +123,8 @@ class LocalFederation:
             proc.wait(timeout=10)
 
     def __enter__(self) -> LocalFederation:
+        # Site workers never declare queues (least privilege): declare them first.
+        declare_topology(get_settings(**_settings_env(self.env)), list(self.sites))
         if self.with_coordinator:
             self.start_coordinator()
         for site in self.sites:
@@ -140,3 +142,9 @@ class LocalFederation:
             if proc.poll() is not None:
                 tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise FedError(f"{name} exited with code {proc.returncode}; log tail:\n{tail}")
+
+
+def _settings_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The broker URL the children will use (they read FEDNNUNET_* from env)."""
+    url = env.get("FEDNNUNET_BROKER_URL")
+    return {"broker_url": url} if url else {}

@@ -188,6 +188,8 @@ def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool
         st.state, st.report, st.error = "done", report, None
     else:
         st.state, st.error = "failed", report.error or "site reported failure"
+        if not report.retryable:
+            st.attempt = max(st.attempt, state.max_attempts)
     return True
 
 
@@ -274,12 +276,8 @@ def next_actions(
     ]
     needed = len(state.sites) if _needs_all_sites(state) else state.quorum
     if len(state.sites) - len(exhausted) < needed:
-        return [
-            Fail(
-                f"{state.phase}: sites {', '.join(sorted(exhausted))} failed "
-                f"{state.max_attempts} times; cannot reach {needed} site(s)"
-            )
-        ]
+        why = "; ".join(f"{s}: {statuses[s].error}" for s in sorted(exhausted))
+        return [Fail(f"{state.phase}: cannot reach {needed} site(s): {why}")]
 
     reports = tuple(statuses[s].report for s in done if statuses[s].report)  # type: ignore[misc]
     all_done = len(done) == len(state.sites)

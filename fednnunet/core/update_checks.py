@@ -33,11 +33,9 @@ def update_problems(
                 problems.append(f"{name}: NaN or Inf values")
                 continue
             sq += float(tensor.double().pow(2).sum())
-        if expected_shapes is not None and name in expected_shapes:
-            if tuple(tensor.shape) != tuple(expected_shapes[name]):
-                problems.append(
-                    f"{name}: shape {tuple(tensor.shape)} != expected {tuple(expected_shapes[name])}"
-                )
+        expected = (expected_shapes or {}).get(name)
+        if expected is not None and tuple(tensor.shape) != tuple(expected):
+            problems.append(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(expected)}")
     norm = math.sqrt(sq)
     if reference_norm is not None and reference_norm > 0 and norm > max_norm_ratio * reference_norm:
         problems.append(

@@ -16,7 +16,7 @@ from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights
-from fednnunet.errors import FedError
+from fednnunet.errors import DatasetError, FedError
 from fednnunet.keys import (
     GLOBAL_SITE,
     PHASE_FINGERPRINT,
@@ -73,6 +73,9 @@ class SiteService:
             report = handler(task)
             report.seconds = time.perf_counter() - t0
             return report
+        except DatasetError as exc:
+            log.error("%s failed: %s", task.phase, exc)
+            return self._fail(task, str(exc), t0, retryable=False)
         except FedError as exc:
             log.error("%s failed: %s", task.phase, exc)
             return self._fail(task, str(exc), t0)
@@ -83,7 +86,7 @@ class SiteService:
             if self.progress is not None:
                 self.progress.end()
 
-    def _fail(self, task: SiteTask, error: str, t0: float) -> SiteReport:
+    def _fail(self, task: SiteTask, error: str, t0: float, retryable: bool = True) -> SiteReport:
         return SiteReport(
             experiment_id=task.experiment_id,
             site_id=self.site_id,
@@ -92,6 +95,7 @@ class SiteService:
             attempt=task.attempt,
             ok=False,
             error=error[:2000],
+            retryable=retryable,
             seconds=time.perf_counter() - t0,
         )
 

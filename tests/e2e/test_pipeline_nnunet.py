@@ -7,6 +7,7 @@ with a plain nnU-Net results folder that nnU-Net's own predictor loads.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,11 @@ from fednnunet.nnunet.demo_data import make_demo_dataset, make_demo_federation
 from fednnunet.spec import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.nnunet]
-SITES = {"901": 901, "902": 902, "903": 903}
+# Unique site ids per test run: queues are per site, and another federation (a demo,
+# a parallel session) may be using the plain dataset ids on the same broker.
+_RUN = secrets.token_hex(2)
+SITES = {f"s{_RUN}-{i}": i for i in (901, 902, 903)}
+SITE_OF = {i: s for s, i in SITES.items()}
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -38,7 +43,7 @@ def _env(root: Path) -> dict[str, str]:
 def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=None):
     env = _env(tmp)
     if make_data is None:
-        make_demo_federation(Path(env["nnUNet_raw"]), [int(s) for s in SITES], num_cases=8, seed=0)
+        make_demo_federation(Path(env["nnUNet_raw"]), list(SITES.values()), num_cases=8, seed=0)
     else:
         make_data(Path(env["nnUNet_raw"]))
     spec = parse_spec(
@@ -63,7 +68,10 @@ def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=No
 
 
 def _fold_dir(env: dict[str, str], site: str) -> Path:
-    (folder,) = Path(env["nnUNet_results"]).glob(f"Dataset{site}_*/nnUNetTrainer__nnUNetPlans__2d")
+    dataset = SITES[site]
+    (folder,) = Path(env["nnUNet_results"]).glob(
+        f"Dataset{dataset}_*/nnUNetTrainer__nnUNetPlans__2d"
+    )
     return folder / "fold_0"
 
 
@@ -83,7 +91,9 @@ def test_ffe_three_sites_end_to_end_and_plain_nnunet_predicts(stack, tmp_path, u
     store = ArtifactStore(stack)
     final_global = decode_weights(store.get_bytes(state.global_weights))
     ckpt = torch.load(
-        _fold_dir(env, "902") / "checkpoint_final.pth", map_location="cpu", weights_only=False
+        _fold_dir(env, SITE_OF[902]) / "checkpoint_final.pth",
+        map_location="cpu",
+        weights_only=False,
     )  # a local file nnU-Net wrote, not network data
     for key, value in final_global.items():
         assert torch.allclose(ckpt["network_weights"][key], value), key
@@ -97,7 +107,7 @@ def test_ffe_three_sites_end_to_end_and_plain_nnunet_predicts(stack, tmp_path, u
     for img in sorted((raw_site / "imagesTr").glob("*_0000.nii.gz"))[:2]:
         (inputs / img.name).symlink_to(img)
     outputs = predict_folder(
-        _fold_dir(env, "901").parent, inputs, tmp_path / "pred_out", folds=(0,), device="cpu"
+        _fold_dir(env, SITE_OF[901]).parent, inputs, tmp_path / "pred_out", folds=(0,), device="cpu"
     )
     assert len(outputs) == 2 and all(p.exists() for p in outputs)
 
@@ -151,9 +161,11 @@ def test_asymfedavg_averages_only_common_layers(stack, tmp_path, unique_id):
         for key in common:  # common layers: the global value
             assert torch.allclose(ckpt[key], global_w[key]), (site, key)
     # Layers that differ stay local: the deeper site keeps its own extra stages.
-    local_only = [k for k in updates["903"] if k not in common]
+    local_only = [k for k in updates[SITE_OF[903]] if k not in common]
     assert local_only
     ckpt903 = torch.load(
-        _fold_dir(env, "903") / "checkpoint_final.pth", map_location="cpu", weights_only=False
+        _fold_dir(env, SITE_OF[903]) / "checkpoint_final.pth",
+        map_location="cpu",
+        weights_only=False,
     )["network_weights"]
     assert all(k in ckpt903 for k in local_only)

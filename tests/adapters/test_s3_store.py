@@ -1,0 +1,75 @@
+"""ArtifactStore against the real local S3 server (SeaweedFS, minio client)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
+from fednnunet.errors import FedError, IntegrityError
+from fednnunet.messages import ArtifactRef
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(stack, tmp_path):
+    s = ArtifactStore(
+        stack, egress_log=str(tmp_path / "egress.jsonl"), cache_dir=tmp_path / "cache"
+    )
+    s.ensure_bucket("fedtest-store")
+    return s
+
+
+def test_roundtrip_verified_write_once_and_egress_logged(store, unique_id, tmp_path):
+    key = f"{unique_id('k')}/a.json"
+    ref = store.put_json("fedtest-store", key, {"x": 1}, kind="test")
+    assert ref.sha256 == sha256_bytes(b'{"x":1}') and ref.size == 7
+    assert store.get_json(ref) == {"x": 1}
+    assert store.stat("fedtest-store", key) == ref
+    assert store.put_json("fedtest-store", key, {"x": 1}) == ref  # same bytes: no-op
+    with pytest.raises(IntegrityError, match="write-once"):
+        store.put_json("fedtest-store", key, {"x": 2})
+    path = store.get_file(ref)
+    assert path.read_bytes() == b'{"x":1}' and path.parent == tmp_path / "cache"
+    log = [json.loads(line) for line in (tmp_path / "egress.jsonl").read_text().splitlines()]
+    assert len(log) == 1  # the no-op write left nothing
+    assert log[0]["key"] == key and log[0]["bytes"] == 7 and log[0]["sha256"] == ref.sha256
+    assert log[0]["kind"] == "test"
+
+
+def test_corrupted_object_is_refused(store, unique_id):
+    key = f"{unique_id('k')}/w.safetensors"
+    ref = store.put_bytes("fedtest-store", key, b"good bytes")
+    # Someone replaces the object behind our back (keeping the old sha256 metadata).
+    store.client.put_object(
+        "fedtest-store", key, io.BytesIO(b"evil bytes"), 10, metadata={"sha256": ref.sha256}
+    )
+    with pytest.raises(IntegrityError, match="failed verification"):
+        store.get_bytes(ref)
+    with pytest.raises(IntegrityError):
+        store.get_file(ref)
+    # A reference whose sha256 does not match what is stored is refused too.
+    wrong = ArtifactRef(bucket=ref.bucket, key=key, sha256="f" * 64, size=10)
+    with pytest.raises(IntegrityError):
+        store.get_bytes(wrong)
+
+
+def test_oversized_payload_refused_both_ways(stack, unique_id):
+    small = ArtifactStore(stack.model_copy(update={"max_object_bytes": 16}))
+    small.ensure_bucket("fedtest-store")
+    with pytest.raises(FedError, match="limit"):
+        small.put_bytes("fedtest-store", unique_id("k"), b"x" * 17)
+    huge = ArtifactRef(bucket="fedtest-store", key="k", sha256="0" * 64, size=10**12)
+    with pytest.raises(FedError, match="limit"):
+        small.get_bytes(huge)
+
+
+def test_unreachable_s3_is_one_line(stack):
+    dead = ArtifactStore(stack.model_copy(update={"s3_endpoint": "127.0.0.1:1"}), retry_total_s=0.5)
+    with pytest.raises(FedError) as err:
+        dead.ping()
+    assert str(err.value).startswith("S3 unreachable at http://127.0.0.1:1")
+    assert "\n" not in str(err.value)
