@@ -198,7 +198,23 @@ class ArtifactStore:
         )
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=size)
         self._log_egress(ref, kind)
+        self._seed_cache(path, sha)
         return ref
+
+    def _seed_cache(self, path: Path, sha: str) -> None:
+        """Keep what we uploaded in the cache: the coordinator reads each global back
+        next round (reference shapes and norm), which then costs no download."""
+        if self.cache_dir is None or (self.cache_dir / sha).exists():
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".up-{sha}-{os.getpid()}"
+        try:
+            shutil.copyfile(path, tmp)  # a copy, not a link: the caller may rewrite its file
+            os.replace(tmp, self.cache_dir / sha)
+        except OSError as exc:  # a cache miss later is harmless
+            log.warning("could not cache %s: %s", path, exc)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def put_json(self, bucket: str, key: str, obj: Any, kind: str = "json") -> ArtifactRef:
         data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()

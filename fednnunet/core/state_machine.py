@@ -35,6 +35,7 @@ class SiteStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    retryable: bool = True  # False: another attempt cannot help (e.g. a malformed dataset)
     report: SiteReport | None = None
 
 
@@ -159,7 +160,7 @@ def apply_dispatched(state: ExperimentState, action: Dispatch, now: float) -> No
     if action.phase != state.phase or action.round != state.round or st.state in ("done", "late"):
         return
     st.state, st.attempt, st.dispatched_at = "queued", action.attempt, now
-    st.started_at, st.error = None, None
+    st.started_at, st.error, st.retryable = None, None, True
 
 
 def apply_heartbeat(state: ExperimentState, site: str, phase: str, round_: int, now: float) -> None:
@@ -188,8 +189,7 @@ def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool
         st.state, st.report, st.error = "done", report, None
     else:
         st.state, st.error = "failed", report.error or "site reported failure"
-        if not report.retryable:
-            st.attempt = max(st.attempt, state.max_attempts)
+        st.retryable = report.retryable
     return True
 
 
@@ -262,7 +262,7 @@ def next_actions(
     for site, st in statuses.items():
         if st.state == "pending":
             actions.append(Dispatch(site, state.phase, state.round, 1))
-        elif st.state == "failed" and st.attempt < state.max_attempts:
+        elif st.state == "failed" and st.retryable and st.attempt < state.max_attempts:
             actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
         elif st.state == "running":
             last = max(heartbeats.get(site, 0.0), st.started_at or 0.0)
@@ -272,7 +272,9 @@ def next_actions(
 
     done = [s for s, st in statuses.items() if st.state == "done"]
     exhausted = [
-        s for s, st in statuses.items() if st.state == "failed" and st.attempt >= state.max_attempts
+        s
+        for s, st in statuses.items()
+        if st.state == "failed" and (st.attempt >= state.max_attempts or not st.retryable)
     ]
     needed = len(state.sites) if _needs_all_sites(state) else state.quorum
     if len(state.sites) - len(exhausted) < needed:

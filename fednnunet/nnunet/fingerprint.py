@@ -99,7 +99,7 @@ def summarize_dataset(
 
     name = maybe_convert_to_dataset_name(dataset_id)
     folder = Path(os.fspath(nnUNet_raw)) / name
-    ds_json = json.loads((folder / "dataset.json").read_text())
+    ds_json = check_raw_dataset(folder)
     dataset = get_filenames_of_train_images_and_targets(str(folder), ds_json)
     if not dataset:
         raise DatasetError(f"{name}: no training cases found in {folder}")
@@ -131,6 +131,63 @@ def summarize_dataset(
     }
 
 
+REQUIRED_DATASET_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+
+
+def check_raw_dataset(folder: Path) -> dict:
+    """Catch the common mistakes in an nnU-Net raw dataset with one clear line each.
+
+    Returns the parsed dataset.json. (nnU-Net's own integrity check runs at planning.)
+    """
+    name = folder.name
+    ds_file = folder / "dataset.json"
+    if not ds_file.is_file():
+        raise DatasetError(f"{name}: dataset.json missing in {folder}")
+    try:
+        ds_json = json.loads(ds_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"{name}: dataset.json is not valid JSON (line {exc.lineno}, "
+            f"column {exc.colno}: {exc.msg})"
+        ) from None
+    if not isinstance(ds_json, dict):
+        raise DatasetError(f"{name}: dataset.json must be a JSON object")
+    if "modality" in ds_json and "channel_names" not in ds_json:
+        ds_json["channel_names"] = ds_json["modality"]
+    missing = [k for k in REQUIRED_DATASET_KEYS if k not in ds_json]
+    if missing:
+        raise DatasetError(f"{name}: dataset.json lacks {', '.join(missing)}")
+    if "dataset" in ds_json:  # explicit file lists: nnU-Net checks them at planning
+        return ds_json
+    ending = ds_json["file_ending"]
+    images = folder / "imagesTr"
+    labels = folder / "labelsTr"
+    if not images.is_dir() or not labels.is_dir():
+        raise DatasetError(f"{name}: imagesTr/ and labelsTr/ are required")
+    n_channels = len(ds_json["channel_names"])
+    cases = sorted({p.name[: -len(ending) - 5] for p in images.glob(f"*_0000{ending}")})
+    if not cases:
+        others = sorted({"".join(p.suffixes) for p in images.iterdir() if p.is_file()})
+        raise DatasetError(
+            f"{name}: no images ending in _0000{ending} in imagesTr "
+            f"(found endings: {', '.join(others) or 'none'}; check file_ending)"
+        )
+    for case in cases:
+        for ch in range(n_channels):
+            if not (images / f"{case}_{ch:04d}{ending}").is_file():
+                raise DatasetError(
+                    f"{name}: case {case} lacks channel {ch} ({case}_{ch:04d}{ending})"
+                )
+        if not (labels / f"{case}{ending}").is_file():
+            raise DatasetError(f"{name}: case {case} has no label file labelsTr/{case}{ending}")
+    if int(ds_json["numTraining"]) != len(cases):
+        raise DatasetError(
+            f"{name}: dataset.json says numTraining={ds_json['numTraining']} "
+            f"but imagesTr has {len(cases)} cases"
+        )
+    return ds_json
+
+
 def extract_site_fingerprint(
     dataset_id: int,
     num_processes: int = 2,
@@ -145,10 +202,18 @@ def extract_site_fingerprint(
     """
     with nnunet_env(raw_root, preprocessed_root):
         try:
+            from nnunetv2.paths import nnUNet_raw
+            from nnunetv2.utilities.dataset_name_id_conversion import (
+                maybe_convert_to_dataset_name,
+            )
+
+            check_raw_dataset(
+                Path(os.fspath(nnUNet_raw)) / maybe_convert_to_dataset_name(dataset_id)
+            )
             if run_nnunet:
                 _run_nnunet_extractor(dataset_id, num_processes)
             summary = summarize_dataset(dataset_id, num_processes)
-        except (RuntimeError, FileNotFoundError, KeyError) as e:
+        except (RuntimeError, FileNotFoundError, KeyError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DatasetError(f"fingerprint of dataset {dataset_id} failed: {first}") from e
     # Round-trip proves the summary is plain JSON (it travels through S3).

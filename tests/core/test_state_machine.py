@@ -161,3 +161,13 @@ def test_decisions_are_pure():
     before = s.model_dump_json()
     sm.next_actions(s, 100.0)
     assert s.model_dump_json() == before
+
+
+def test_non_retryable_failure_fails_at_once_with_the_site_error():
+    s = new()
+    dispatch_all(s)
+    sm.apply_report(
+        s, report("b", "fingerprint", ok=False, error="Dataset902: broken", retryable=False), 2.0
+    )
+    (fail,) = sm.next_actions(s, 2.0)
+    assert isinstance(fail, sm.Fail) and "b: Dataset902: broken" in fail.reason

@@ -64,3 +64,31 @@ def test_sites_with_different_label_sets_are_refused(stack, tmp_path, unique_id)
     state = _fingerprint_run(stack, tmp_path, unique_id, relabel)
     assert state.phase == "failed"
     assert "fingerprint merge" in state.error and "label" in state.error.lower()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda f: next((f / "labelsTr").iterdir()).unlink(), "has no label file"),
+        (
+            lambda f: [
+                p.rename(p.with_name(p.name.replace(".nii.gz", ".nrrd")))
+                for p in (f / "imagesTr").iterdir()
+            ],
+            "no images ending in _0000.nii.gz",
+        ),
+        (lambda f: (f / "dataset.json").write_text('{"labels": {}}'), "dataset.json lacks"),
+        (lambda f: (f / "dataset.json").write_text("{ not json"), "not valid JSON"),
+    ],
+    ids=["missing-label", "wrong-file-ending", "incomplete-dataset-json", "broken-json"],
+)
+def test_raw_dataset_mistakes_are_one_line(tmp_path, spoil, message):
+    from fednnunet.errors import DatasetError
+    from fednnunet.nnunet.fingerprint import check_raw_dataset
+
+    (folder,) = make_demo_federation(tmp_path, [905], num_cases=3, seed=2)
+    check_raw_dataset(folder)  # the good one passes
+    spoil(folder)
+    with pytest.raises(DatasetError, match=message) as err:
+        check_raw_dataset(folder)
+    assert "\n" not in str(err.value) and "Dataset905" in str(err.value)
