@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+from pathlib import Path
 
 from celery import Celery
 from celery.worker.request import Request
@@ -58,6 +60,14 @@ def send_report(app: Celery, report: SiteReport) -> None:
     )
 
 
+def default_egress_log(settings: Settings) -> Path:
+    """Where hospital IT audits what left the site: one JSON line per uploaded object."""
+    if settings.egress_log:
+        return Path(settings.egress_log)
+    base = os.environ.get("nnUNet_results") or str(Path.home())
+    return Path(base) / f"fednnunet_egress_{settings.site_id}.jsonl"
+
+
 def build_site_app(settings: Settings, service: SiteService | None = None) -> Celery:
     """The Celery app of one site; ``service`` may be injected (tests, benchmarks)."""
     app = make_celery(settings, "site", settings.site_id)
@@ -67,7 +77,7 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
         if "svc" not in state:
             state["svc"] = service or SiteService(
                 settings,
-                ArtifactStore(settings),
+                ArtifactStore(settings, egress_log=str(default_egress_log(settings))),
                 progress=ProgressPublisher(settings, settings.site_id or "?"),
             )
         return state["svc"]

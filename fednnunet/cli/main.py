@@ -361,6 +361,9 @@ def run(
 
     if command not in PHASE_COMMANDS:
         raise FedError(f"unknown command {command!r}; one of {', '.join(PHASE_COMMANDS)}")
+    if method == "asym" and command == "extract_fingerprint":
+        raise FedError("AsymFedAvg has no federated fingerprint: each site plans alone "
+                       "(use plan_and_preprocess or train)")
     ids = dataset_ids.split()
     if not ids or not all(i.isdigit() for i in ids):
         raise FedError(f"dataset ids must be integers, got {dataset_ids!r}")
@@ -382,9 +385,7 @@ def run(
                 "val_iterations_per_epoch": val_iterations,
                 "train_args": list(ctx.args),
                 "device": "cuda" if _cuda() else "cpu",
-                "stop_after": PHASE_COMMANDS[command]
-                if method == "ffe" or command != "extract_fingerprint"
-                else None,
+                "stop_after": PHASE_COMMANDS[command],
             }
         )
         _run_simulation(settings, spec, {s: int(s) for s in ids}, log_dir, timeout)

@@ -58,6 +58,8 @@ def status_dict(
                 "quarantined": r.quarantined,
                 "metrics": r.metrics,
                 "aggregation_s": round(r.aggregation_s, 3),
+                "wall_s": round(r.closed_at - r.opened_at, 3),
+                "overhead_s": None if r.overhead_s() is None else round(r.overhead_s(), 3),
             }
             for r in state.history
         ],

@@ -51,6 +51,14 @@ class RoundRecord(BaseModel):
     closed_at: float = 0.0
     aggregation_s: float = 0.0
 
+    def overhead_s(self) -> float | None:
+        """Round wall time not spent in the slowest participant's local training."""
+        train = [self.metrics.get(s, {}).get("train_s") for s in self.participants]
+        train = [t for t in train if t is not None]
+        if not train or not self.closed_at:
+            return None
+        return (self.closed_at - self.opened_at) - max(train)
+
 
 class ExperimentState(BaseModel):
     """Everything needed to resume an experiment; stored in Redis, journaled in S3."""

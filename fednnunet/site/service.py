@@ -233,7 +233,10 @@ class SiteService:
             self._check_plans(task, session)
         if session.last_completed_round() < task.round:
             loaded = self._load_global(task, session)
+            t_train = time.perf_counter()
             metrics = session.train_epochs(opts.local_epochs, on_iteration=self._on_iteration)
+            # Local training time alone: the federation's overhead is the rest of the round.
+            metrics["train_s"] = time.perf_counter() - t_train
             metrics["layers_loaded"] = float(loaded)
             session.save_round_checkpoint(task.round)
             self._write_local_metrics(session, task.round, metrics)

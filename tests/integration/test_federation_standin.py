@@ -60,5 +60,15 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
         got = decode_weights(store.get_bytes(record.global_weights))
         for k, v in expected.items():
             assert torch.allclose(got[k], v, atol=1e-6), k
+    # Each site's egress log lists every object it uploaded (what left the hospital).
+    import json
+
+    for site in sites:
+        lines = (tmp_path / f"fednnunet_egress_{site}.jsonl").read_text().splitlines()
+        entries = [json.loads(line) for line in lines]
+        updates = [e for e in entries if e["kind"] == "weights_update"]
+        assert len(updates) == 3
+        assert all(e["bucket"] == f"{stack.bucket_prefix}-site-{site}" for e in entries)
+        assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in entries)
     # Redis holds the state under the experiment's namespace.
     assert RedisState(stack.redis_url).load(spec.experiment_id).phase == "done"
