@@ -15,7 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEDNNUNET_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FEDNNUNET_", extra="ignore", env_ignore_empty=True
+    )
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -72,5 +74,17 @@ def require_nnunet_paths(*names: str) -> dict[str, Path]:
 
 
 def get_settings(**overrides: object) -> Settings:
+    """Settings from FEDNNUNET_* variables and overrides; a bad value is one clear line."""
+    from pydantic import ValidationError
+
+    from fednnunet.errors import FedError
+
     clean = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**clean)
+    try:
+        return Settings(**clean)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"FEDNNUNET_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise FedError(f"invalid setting(s): {problems}") from None

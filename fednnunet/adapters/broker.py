@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -63,14 +64,21 @@ def coordinator_queue(no_declare: bool = False) -> Queue:
     )
 
 
+def broker_ca_file(settings: Settings) -> str | None:
+    """FEDNNUNET_BROKER_CA_FILE, else the S3 CA file (one private CA per federation)."""
+    return os.environ.get("FEDNNUNET_BROKER_CA_FILE") or settings.s3_ca_file or None
+
+
 def _ssl_options(settings: Settings) -> dict | None:
+    """py-amqp TLS options for amqps:// (None for amqp://).
+
+    ``server_hostname: None`` makes kombu fill in the URL's host, which turns on
+    hostname checking: without it py-amqp accepts any certificate the CA signed.
+    """
     if not settings.broker_url.startswith("amqps://"):
         return None
-    opts: dict = {"cert_reqs": ssl.CERT_REQUIRED}
-    ca = settings.s3_ca_file  # one CA file for the deployment unless overridden
-    import os
-
-    ca = os.environ.get("FEDNNUNET_BROKER_CA_FILE", ca)
+    opts: dict = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    ca = broker_ca_file(settings)
     if ca:
         opts["ca_certs"] = ca
     return opts
@@ -177,6 +185,10 @@ def _pika_params(settings: Settings) -> pika.URLParameters:
     if url.endswith("//"):  # kombu spells the default vhost "//"; pika wants "/%2F"
         url = url[:-1] + "%2F"
     params = pika.URLParameters(url)
+    if params.ssl_options is not None:
+        # pika's amqps default trusts only the system CAs: use the federation's CA.
+        ctx = ssl.create_default_context(cafile=broker_ca_file(settings))
+        params.ssl_options = pika.SSLOptions(ctx, server_hostname=params.host)
     params.heartbeat = 30
     params.blocked_connection_timeout = 30
     params.connection_attempts = 1

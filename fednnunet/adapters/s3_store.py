@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,39 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tls_problem(exc: BaseException) -> str | None:
+    """Why TLS failed, if it did in a way that retrying cannot fix (untrusted or
+    mismatched certificate, not a TLS server, unreadable CA file); else None.
+
+    An EOF or reset during the handshake is left to the retry loop (server restarting).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"TLS verification failed: {e.verify_message or e.reason or e}"
+        if isinstance(e, ssl.SSLError) and not isinstance(
+            e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+        ):
+            return f"TLS handshake failed: {e.reason or e}"
+        if isinstance(e, urllib3.exceptions.SSLError) and isinstance(
+            e.args[0] if e.args else None, OSError
+        ):
+            inner = e.args[0]
+            if not isinstance(inner, ssl.SSLError):  # e.g. the CA file cannot be read
+                return f"TLS setup failed: {inner}"
+        todo.extend([getattr(e, "reason", None), e.__cause__, e.__context__])
+        todo.extend(a for a in e.args if isinstance(a, BaseException))
+    return None
+
+
 def _is_transient(exc: BaseException) -> bool:
+    if _tls_problem(exc) is not None:
+        return False
     if isinstance(exc, S3Error):
         return exc.code in {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
     return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ConnectionError))
@@ -73,6 +106,9 @@ class ArtifactStore:
         self.max_object_bytes = settings.max_object_bytes
         self.endpoint_url = ("https://" if settings.s3_secure else "http://") + settings.s3_endpoint
         if client is None:
+            ca = settings.s3_ca_file if settings.s3_secure else None
+            if ca and not Path(ca).is_file():
+                raise FedError(f"FEDNNUNET_S3_CA_FILE {ca} is not a readable file")
             http = urllib3.PoolManager(
                 timeout=urllib3.Timeout(connect=5.0, read=120.0),
                 retries=urllib3.Retry(
@@ -80,7 +116,7 @@ class ArtifactStore:
                 ),
                 maxsize=16,
                 cert_reqs="CERT_REQUIRED" if settings.s3_secure else "CERT_NONE",
-                ca_certs=settings.s3_ca_file if settings.s3_secure else None,
+                ca_certs=ca,
             )
             client = Minio(
                 settings.s3_endpoint,
@@ -100,6 +136,9 @@ class ArtifactStore:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - filtered below
+                tls = _tls_problem(exc)
+                if tls is not None:
+                    raise self._tls_error(what, tls) from exc
                 if not _is_transient(exc) or time.monotonic() + delay > deadline:
                     if _is_transient(exc):
                         raise ServiceUnreachable("S3", self.endpoint_url, f"{what}: {exc}") from exc
@@ -107,6 +146,13 @@ class ArtifactStore:
                 log.warning("S3 %s failed (%s); retrying in %.1fs", what, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
+
+    def _tls_error(self, what: str, problem: str) -> FedError:
+        """Not retried: a wrong CA or certificate does not fix itself."""
+        return FedError(
+            f"S3 at {self.endpoint_url}: {problem} ({what}); check FEDNNUNET_S3_CA_FILE "
+            f"(now {self.settings.s3_ca_file or 'unset: system CAs'}) and the server certificate"
+        )
 
     # -- buckets -----------------------------------------------------------
     def ping(self) -> None:
@@ -116,6 +162,9 @@ class ArtifactStore:
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, S3Error):
                 return  # it answered (maybe AccessDenied): reachable
+            tls = _tls_problem(exc)
+            if tls is not None:
+                raise self._tls_error("ping", tls) from exc
             raise ServiceUnreachable("S3", self.endpoint_url, type(exc).__name__) from exc
 
     def ensure_bucket(self, bucket: str) -> None:

@@ -330,6 +330,7 @@ def stack(action: str = typer.Argument("up", help="up | down | status")) -> None
 
 
 # ---------------------------------------------------------------- simulation
+PHASE_TAGS = {"extract_fingerprint": "fp", "plan_and_preprocess": "plan", "train": "train"}
 PHASE_COMMANDS = {
     "extract_fingerprint": "fingerprint",
     "plan_and_preprocess": "plan",
@@ -362,8 +363,10 @@ def run(
     if command not in PHASE_COMMANDS:
         raise FedError(f"unknown command {command!r}; one of {', '.join(PHASE_COMMANDS)}")
     if method == "asym" and command == "extract_fingerprint":
-        raise FedError("AsymFedAvg has no federated fingerprint: each site plans alone "
-                       "(use plan_and_preprocess or train)")
+        raise FedError(
+            "AsymFedAvg has no federated fingerprint: each site plans alone "
+            "(use plan_and_preprocess or train)"
+        )
     ids = dataset_ids.split()
     if not ids or not all(i.isdigit() for i in ids):
         raise FedError(f"dataset ids must be integers, got {dataset_ids!r}")
@@ -374,7 +377,7 @@ def run(
     for f in folds:
         spec = parse_spec(
             {
-                "experiment_id": f"sim-{stamp}-{config_tag}-f{f}-{command[:5]}",
+                "experiment_id": f"sim-{stamp}-{config_tag}-f{f}-{PHASE_TAGS[command]}",
                 "sites": ids,
                 "configuration": configuration,
                 "fold": f,
