@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
-from fednnunet.coordinator.aggregator import aggregate_round
+from fednnunet.adapters.weights_codec import read_file_header
+from fednnunet.coordinator.aggregator import AggregationResult, aggregate_round
 from fednnunet.core import state_machine as sm
 from fednnunet.errors import FedError, IntegrityError
 from fednnunet.keys import (
@@ -228,46 +229,14 @@ class Coordinator:
         key = artifact_key(
             state.experiment_id, PHASE_TRAIN, action.round, GLOBAL_SITE, "weights.safetensors"
         )
-        existing = self.store.stat(self.global_bucket, key)
         reports = sorted(action.reports, key=lambda r: state.sites.index(r.site_id))
-        if existing is not None:
-            # A previous coordinator aggregated this round and died before saving: reuse it.
-            result_ref, participants, quarantined, agg_s = (
-                existing,
-                [r.site_id for r in reports],
-                {},
-                0.0,
-            )
-        else:
-            try:
-                res = aggregate_round(
-                    self.store,
-                    reports,
-                    self.global_bucket,
-                    key,
-                    state.global_weights,
-                    min_participants=min(state.quorum, len(reports)) or 1,
-                    strict_shapes=state.method == "ffe",
-                )
-            except IntegrityError:
-                res = None
-            if res is None:
-                existing = self.store.stat(self.global_bucket, key)
-                if existing is None:
-                    raise
-                result_ref, participants, quarantined, agg_s = (
-                    existing,
-                    [r.site_id for r in reports],
-                    {},
-                    0.0,
-                )
-            else:
-                result_ref, participants, quarantined, agg_s = (
-                    res.global_weights,
-                    res.participants,
-                    res.quarantined,
-                    res.seconds,
-                )
+        res = self._aggregate_once(state, reports, key)
+        result_ref, participants, quarantined = (
+            res.global_weights,
+            res.participants,
+            res.quarantined,
+        )
+        agg_s = res.seconds
         if result_ref is None:
             # Too many updates quarantined: those sites redo the round (bounded by attempts).
             for site, why in quarantined.items():
@@ -291,6 +260,34 @@ class Coordinator:
         for site in action.late:
             state.sites_status[site].state = "late"
         sm.apply_aggregated(state, record, now)
+
+    def _aggregate_once(
+        self, state: sm.ExperimentState, reports: list[SiteReport], key: str
+    ) -> AggregationResult:
+        """Aggregate the round, or reuse the global object another coordinator wrote.
+
+        The global object of a round is write-once: whoever writes it first defines the
+        round, so the round is aggregated exactly once even with two coordinators.
+        """
+        existing = self.store.stat(self.global_bucket, key)
+        if existing is None:
+            try:
+                return aggregate_round(
+                    self.store,
+                    reports,
+                    self.global_bucket,
+                    key,
+                    state.global_weights,
+                    min_participants=min(state.quorum, len(reports)) or 1,
+                    strict_shapes=state.method == "ffe",
+                )
+            except IntegrityError:
+                existing = self.store.stat(self.global_bucket, key)
+                if existing is None:
+                    raise
+        _, _, meta = read_file_header(self.store.get_file(existing))
+        participants = [p for p in meta.get("participants", "").split(",") if p]
+        return AggregationResult(existing, participants or [r.site_id for r in reports])
 
     def _write_final(self, state: sm.ExperimentState) -> None:
         if state.global_weights is None:
