@@ -7,6 +7,7 @@ workers are budgeted per site so simulated sites do not oversubscribe the machin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -132,10 +133,22 @@ class LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
-        for name in list(self.procs):
-            self.kill(name, signal.SIGKILL)
+        """Stop every child at once (SIGTERM, then SIGKILL after a grace period)."""
+        live = [p for p in self.procs.values() if p.poll() is None]
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        for proc in self.procs.values():  # nnU-Net children left in the groups
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
