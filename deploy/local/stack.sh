@@ -17,6 +17,8 @@
 #   FEDNNUNET_CREDENTIAL_SEED seed the per-site secrets are derived from
 #   FEDNNUNET_S3_PORT         S3 port (default 8333)
 #   FEDNNUNET_WEED_MEMLIMIT   GOMEMLIMIT for weed (default 512MiB)
+#   FEDNNUNET_WEED_MAX_VOLUMES  volume slots (default 4000): every bucket takes several
+#                             volumes, and the automatic limit ran out after ~100 buckets
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -101,6 +103,7 @@ start_weed() {
   GOMEMLIMIT="${FEDNNUNET_WEED_MEMLIMIT:-512MiB}" "$weed" mini \
     -dir="$STACK_DIR/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
     -s3.config="$IDENT" -admin.ui=false -webdav=false \
+    -master.volumeSizeLimitMB=64 -volume.max="${FEDNNUNET_WEED_MAX_VOLUMES:-4000}" \
     -s3.port.iceberg=0 -s3.port.lance=0 >>"$LOG_FILE" 2>&1 </dev/null 9>&- &
   echo $! >"$PID_FILE"
   set +m

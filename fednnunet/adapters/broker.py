@@ -152,8 +152,23 @@ def check_broker(settings: Settings, timeout_s: float = 5.0) -> None:
             conn.ensure_connection(max_retries=1, timeout=timeout_s)
     except Exception as exc:  # noqa: BLE001
         raise ServiceUnreachable(
-            "RabbitMQ", _redact(settings.broker_url), type(exc).__name__
+            "RabbitMQ", _redact(settings.broker_url), _failure_detail(exc)
         ) from exc
+
+
+def _failure_detail(exc: BaseException) -> str:
+    """The exception's type name, or what TLS refused (a wrong CA is not an outage)."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return (
+                f"TLS verification failed: {e.verify_message or e.reason}; check "
+                "FEDNNUNET_BROKER_CA_FILE and the host name in the certificate"
+            )
+        if isinstance(e, ssl.SSLError):
+            return f"TLS handshake failed: {e.reason or e}"
+        e = e.__cause__ or e.__context__
+    return type(exc).__name__
 
 
 def _redact(url: str) -> str:

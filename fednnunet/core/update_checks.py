@@ -26,18 +26,27 @@ def update_problems(
     problems: list[str] = []
     if not update:
         return ["update has no tensors"]
+    floats = {n: t for n, t in update.items() if t.is_floating_point()}
+    norms = _norms(list(floats.values()))
     sq = 0.0
-    for name, tensor in update.items():
-        if tensor.is_floating_point():
+    for (name, tensor), norm in zip(floats.items(), norms, strict=True):
+        # A tensor norm is finite iff every value is (barring float32 overflow of huge
+        # finite values, which the norm check below refuses anyway): one fused pass.
+        if not math.isfinite(norm):
             if not bool(torch.isfinite(tensor).all()):
                 problems.append(f"{name}: NaN or Inf values")
                 continue
-            sq += float(tensor.double().pow(2).sum())
+        sq += norm * norm
+    for name, tensor in update.items():
         expected = (expected_shapes or {}).get(name)
         if expected is not None and tuple(tensor.shape) != tuple(expected):
             problems.append(f"{name}: shape {tuple(tensor.shape)} != expected {tuple(expected)}")
     norm = math.sqrt(sq)
-    if reference_norm is not None and reference_norm > 0 and norm > max_norm_ratio * reference_norm:
+    if not math.isfinite(norm):
+        problems.append("L2 norm overflows")
+    elif (
+        reference_norm is not None and reference_norm > 0 and norm > max_norm_ratio * reference_norm
+    ):
         problems.append(
             f"L2 norm {norm:.3g} is more than {max_norm_ratio:g}x the global norm "
             f"{reference_norm:.3g}"
@@ -45,7 +54,13 @@ def update_problems(
     return problems
 
 
+def _norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Per-tensor L2 norms with one vectorized call (float32 math, float64 result)."""
+    if not tensors:
+        return []
+    return [float(n) for n in torch._foreach_norm(tensors)]
+
+
 def l2_norm(update: Mapping[str, torch.Tensor]) -> float:
-    return math.sqrt(
-        sum(float(t.double().pow(2).sum()) for t in update.values() if t.is_floating_point())
-    )
+    norms = _norms([t for t in update.values() if t.is_floating_point()])
+    return math.sqrt(sum(n * n for n in norms))

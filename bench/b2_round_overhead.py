@@ -1,0 +1,512 @@
+"""B2: per-round overhead and bytes on the wire, fednnunet vs Flower, same run.
+
+Both systems federate 3 sites whose "training" is the stand-in session (sleeps
+S seconds, nudges the weights) on nnU-Net's real 2d network:
+
+* fednnunet: the real stack — coordinator and 3 site workers as processes
+  (``LocalFederation``), RabbitMQ, Redis, S3 — AsymFedAvg, N rounds. Round wall
+  time is ``closed_at - opened_at`` of each ``RoundRecord``; bytes are the S3
+  object sizes a site moves per round (its update up, the previous global down).
+* Flower (flwr 1.x legacy gRPC API, loopback): server with FedAvg and 3 client
+  processes exchanging the *whole* ``state_dict()`` (aliased keys included) as
+  one list of arrays, the way a Flower-based federated nnU-Net does. Round wall
+  time runs from ``configure_fit`` to the end of ``aggregate_fit``; bytes are
+  the serialized parameter payloads.
+
+Overhead per round = round wall time − S. Round 1 includes worker warm-up in
+both systems, so the summary uses the median of rounds ≥ 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import BenchResult, Target, purge_s3
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "nnunet2d"
+NUM_SITES = 3
+COLUMNS = [
+    "system",
+    "round",
+    "wall s",
+    "overhead s",
+    "CPU s",
+    "net CPU s",
+    "up MB/site",
+    "down MB/site",
+    "bytes × unique",
+    "server peak MB",
+    "site peak MB",
+]
+HEADER_ALLOWANCE = 64 * 1024  # a safetensors header (names, shapes, alias map) per object
+
+
+# ----------------------------------------------------------------- memory watch
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def mem_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PeakWatch:
+    """Largest RSS per named process, and (time, total CPU s) samples of all of them.
+
+    CPU seconds per round are far less sensitive than wall time to the other
+    load on a shared 2-core machine.
+    """
+
+    def __init__(self) -> None:
+        self.peak: dict[str, float] = {}
+        self.cpu_samples: list[tuple[float, float]] = []
+        self._last_cpu: dict[str, float] = {}
+
+    def sample(self, procs: dict[str, int]) -> None:
+        for name, pid in procs.items():
+            self.peak[name] = max(self.peak.get(name, 0.0), rss_mb(pid))
+            cpu = cpu_s(pid)
+            if cpu > 0:
+                self._last_cpu[name] = cpu  # a finished process keeps its last reading
+        self.cpu_samples.append((time.time(), sum(self._last_cpu.values())))
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        """CPU seconds used by the watched processes between two wall-clock times."""
+        import numpy as np
+
+        if len(self.cpu_samples) < 2:
+            return float("nan")
+        ts, cs = zip(*self.cpu_samples, strict=True)
+        return float(np.interp(t1, ts, cs) - np.interp(t0, ts, cs))
+
+
+# ----------------------------------------------------------------- fednnunet
+def _wait_ready(fed, log_dir: Path, names: list[str], timeout_s: float = 120.0) -> None:
+    """Wait until every Celery worker logged 'ready' (so round 1 is not all start-up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fed.check_alive()
+        logs = [(log_dir / f"{n}.log") for n in names]
+        if all(p.exists() and "ready." in p.read_text(errors="replace") for p in logs):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: see {log_dir}")
+
+
+def run_ours(sleep_s: float, rounds: int, workdir: Path) -> dict:
+    from fednnunet.adapters.s3_store import ArtifactStore
+    from fednnunet.cli.simulate import LocalFederation, submit, wait_for
+    from fednnunet.keys import global_bucket, site_bucket
+    from fednnunet.settings import get_settings
+    from fednnunet.spec import parse_spec
+
+    settings = get_settings()
+    tag = secrets.token_hex(3)
+    # Fixed site ids: their buckets are reused (the local S3 server has finite volumes).
+    sites = {f"b2-s{i}": 70 + i for i in range(NUM_SITES)}
+    spec = parse_spec(
+        {
+            "experiment_id": f"b2-{tag}",
+            "sites": list(sites),
+            "method": "asym",
+            "rounds": rounds,
+            "local_epochs": 1,
+            "configuration": "2d",
+            "device": "cpu",
+            "heartbeat_timeout_s": 120,
+        }
+    )
+    env = {
+        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_STANDIN_MODEL": MODEL,
+        "FEDNNUNET_STANDIN_SLEEP_S": str(sleep_s),
+        "FEDNNUNET_STANDIN_DIR": str(workdir / "standin"),
+        "nnUNet_raw": str(workdir),
+        "nnUNet_preprocessed": str(workdir),
+        "nnUNet_results": str(workdir),
+    }
+    log_dir = workdir / "logs"
+    watch = PeakWatch()
+    with LocalFederation(sites, log_dir, env=env) as fed:
+        _wait_ready(fed, log_dir, ["coordinator", *(f"site-{s}" for s in sites)])
+        submit(settings, spec)
+
+        def on_update(*_: object) -> None:
+            fed.check_alive()
+            watch.sample({name: p.pid for name, p in fed.procs.items()})
+
+        timeout = 120 + rounds * (sleep_s + 60)
+        state = wait_for(settings, spec.experiment_id, timeout, on_update, poll_s=0.5)
+    if state.phase != "done":
+        raise RuntimeError(f"fednnunet run ended in {state.phase}: {state.error}")
+    store = ArtifactStore(settings)
+    try:
+        return _collect(state, store, settings, spec, sites, sleep_s, watch)
+    finally:
+        prefix = spec.experiment_id + "/"
+        for site in sites:
+            purge_s3(store, site_bucket(settings.bucket_prefix, site), prefix)
+        purge_s3(store, global_bucket(settings.bucket_prefix), prefix)
+
+
+def _collect(state, store, settings, spec, sites, sleep_s: float, watch: PeakWatch) -> dict:
+    from fednnunet.keys import PHASE_TRAIN, artifact_key, site_bucket
+
+    out = []
+    prev_global = 0
+    for rec in state.history:
+        ups = []
+        for site in sites:
+            key = artifact_key(
+                spec.experiment_id, PHASE_TRAIN, rec.round, site, "update.safetensors"
+            )
+            ref = store.stat(site_bucket(settings.bucket_prefix, site), key)
+            ups.append(ref.size if ref else 0)
+        wall = rec.closed_at - rec.opened_at
+        out.append(
+            {
+                "round": rec.round,
+                "wall_s": wall,
+                "overhead_s": wall - sleep_s,
+                "cpu_s": watch.cpu_between(rec.opened_at, rec.closed_at),
+                "aggregation_s": rec.aggregation_s,
+                "up_bytes_per_site": statistics.mean(ups),
+                "down_bytes_per_site": prev_global,
+            }
+        )
+        prev_global = rec.global_weights.size if rec.global_weights else 0
+    return {
+        "rounds": out,
+        "experiment_id": spec.experiment_id,
+        "peak_rss_mb": {
+            "server": watch.peak.get("coordinator", 0.0),
+            "site_max": max(v for k, v in watch.peak.items() if k.startswith("site-")),
+        },
+    }
+
+
+# ----------------------------------------------------------------- Flower
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _state_arrays(seed: int) -> tuple[list[str], list]:
+    from fednnunet.site.standin import build_state
+
+    state = build_state(MODEL, seed)
+    return list(state), [t.detach().cpu().numpy() for t in state.values()]
+
+
+def flower_server(port: int, rounds: int, out_json: str) -> None:
+    """Subprocess: Flower server, FedAvg over the full state dict, timing every round."""
+    import flwr as fl
+    from flwr.common import ndarrays_to_parameters
+
+    timings: dict[int, dict] = {}
+
+    def payload(params) -> int:
+        return sum(len(t) for t in params.tensors)
+
+    class TimedFedAvg(fl.server.strategy.FedAvg):
+        def configure_fit(self, server_round, parameters, client_manager):
+            timings[server_round] = {"t0": time.time(), "down_bytes_per_site": payload(parameters)}
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            ups = [payload(fit_res.parameters) for _, fit_res in results]
+            agg = super().aggregate_fit(server_round, results, failures)
+            timings[server_round].update(
+                t1=time.time(), up_bytes_per_site=statistics.mean(ups) if ups else 0
+            )
+            Path(out_json).write_text(json.dumps(timings))  # partial results survive a kill
+            return agg
+
+    _, arrays = _state_arrays(0)
+    strategy = TimedFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=NUM_SITES,
+        min_evaluate_clients=0,
+        min_available_clients=NUM_SITES,
+        initial_parameters=ndarrays_to_parameters(arrays),
+    )
+    del arrays
+    fl.server.start_server(
+        server_address=f"127.0.0.1:{port}",
+        config=fl.server.ServerConfig(num_rounds=rounds),
+        strategy=strategy,
+    )
+
+
+def flower_client(port: int, index: int, sleep_s: float, workdir: str) -> None:
+    """Subprocess: a Flower NumPyClient around the same stand-in session."""
+    import flwr as fl
+    import torch
+
+    from fednnunet.site.standin import StandInSession
+
+    session = StandInSession(
+        70 + index, "2d", 0, model=MODEL, sleep_s=sleep_s, workdir=Path(workdir) / str(index)
+    )
+    keys = list(session.state_dict())
+
+    class Client(fl.client.NumPyClient):
+        def get_parameters(self, config):
+            return [t.detach().cpu().numpy() for t in session.state_dict().values()]
+
+        def fit(self, parameters, config):
+            arrays = zip(keys, parameters, strict=True)
+            session.load_global({k: torch.from_numpy(a) for k, a in arrays})
+            session.train_epochs(1)
+            return self.get_parameters(config), session.num_training_cases(), {}
+
+    fl.client.start_client(
+        server_address=f"127.0.0.1:{port}",
+        client=Client().to_client(),
+        max_retries=60,
+        max_wait_time=120,
+    )
+
+
+def run_flower(
+    sleep_s: float, rounds: int, workdir: Path, server_cap_mb: float | None = None
+) -> dict:
+    port = _free_port()
+    out_json = workdir / "flower.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GRPC_VERBOSITY="ERROR")
+    logs = workdir / "flower-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def spawn(name: str, *args: str) -> subprocess.Popen:
+        log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.b2_round_overhead", *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    server = spawn("server", "--flower-server", str(port), str(rounds), str(out_json))
+    clients = [
+        spawn(f"client{i}", "--flower-client", str(port), str(i), str(sleep_s), str(workdir))
+        for i in range(NUM_SITES)
+    ]
+    if server_cap_mb is None:
+        server_cap_mb = min(12000.0, mem_available_mb() - 4000)
+    watch = PeakWatch()
+    pids = {"server": server.pid, **{f"client{i}": c.pid for i, c in enumerate(clients)}}
+    aborted = None
+    deadline = time.monotonic() + 120 + rounds * (sleep_s + 120)
+    try:
+        while server.poll() is None:
+            watch.sample(pids)
+            # Flower holds whole messages several times over: do not let it push other
+            # people's processes on this shared machine into the OOM killer.
+            if watch.peak.get("server", 0) > server_cap_mb:
+                aborted = f"stopped: server RSS over {server_cap_mb:.0f} MB"
+                break
+            if mem_available_mb() < 2500:
+                aborted = "stopped: machine below 2.5 GB available memory"
+                break
+            if time.monotonic() > deadline:
+                aborted = "stopped: timeout"
+                break
+            time.sleep(0.2)
+        if server.returncode not in (None, 0):
+            aborted = f"server exited with code {server.returncode}"
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    if not out_json.exists():
+        tail = (logs / "server.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"Flower server wrote no timings; log tail:\n{tail}")
+    timings = json.loads(out_json.read_text())
+    out = []
+    for r in sorted(timings, key=int):
+        t = timings[r]
+        wall = t["t1"] - t["t0"]
+        out.append(
+            {
+                "round": int(r),
+                "wall_s": wall,
+                "overhead_s": wall - sleep_s,
+                "cpu_s": watch.cpu_between(t["t0"], t["t1"]),
+                "up_bytes_per_site": t["up_bytes_per_site"],
+                "down_bytes_per_site": t["down_bytes_per_site"],
+            }
+        )
+    return {
+        "rounds": out,
+        "aborted": aborted,
+        "peak_rss_mb": {
+            "server": watch.peak.get("server", 0.0),
+            "site_max": max(v for k, v in watch.peak.items() if k.startswith("client")),
+        },
+    }
+
+
+# ----------------------------------------------------------------- benchmark
+def standin_compute_cpu_s(repeats: int = 3) -> float:
+    """CPU seconds of one stand-in 'epoch' (weight nudging) alone: not federation overhead."""
+    import torch
+
+    from fednnunet.site.standin import StandInSession
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the site workers run it (1 thread each)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            session = StandInSession(1, "2d", 0, model=MODEL, sleep_s=0.0, workdir=Path(tmp))
+            samples = []
+            for _ in range(repeats):
+                c0 = time.process_time()
+                session.train_epochs(1)
+                samples.append(time.process_time() - c0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(samples)
+
+
+def _steady(rounds: list[dict], key: str) -> float:
+    later = [r[key] for r in rounds if r["round"] >= 2] or [r[key] for r in rounds]
+    return statistics.median(later)
+
+
+def run(quick: bool = False, sleep_s: float = 5.0) -> BenchResult:
+    from fednnunet.core.tensors import unique_nbytes
+    from fednnunet.site.standin import build_state
+
+    rounds = 3 if quick else 5
+    unique = unique_nbytes(build_state(MODEL, 0))
+    compute_cpu = standin_compute_cpu_s()
+    with tempfile.TemporaryDirectory(prefix="fednnunet-b2-") as tmp:
+        ours = run_ours(sleep_s, rounds, Path(tmp) / "ours")
+        flower = run_flower(sleep_s, max(2, rounds - 1), Path(tmp) / "flower")
+    rows, summary = [], {}
+    for name, res in (("fednnunet", ours), ("flower", flower)):
+        for r in res["rounds"]:
+            r["net_cpu_s"] = r["cpu_s"] - NUM_SITES * compute_cpu
+            r["bytes_per_site"] = r["up_bytes_per_site"] + r["down_bytes_per_site"]
+            rows.append(
+                [
+                    name,
+                    r["round"],
+                    r["wall_s"],
+                    r["overhead_s"],
+                    r["cpu_s"],
+                    r["net_cpu_s"],
+                    r["up_bytes_per_site"] / 1e6,
+                    r["down_bytes_per_site"] / 1e6,
+                    r["bytes_per_site"] / unique,
+                    res["peak_rss_mb"]["server"],
+                    res["peak_rss_mb"]["site_max"],
+                ]
+            )
+        summary[name] = {
+            k: _steady(res["rounds"], k) for k in ("overhead_s", "net_cpu_s", "bytes_per_site")
+        }
+        s_ = summary[name]
+        rows.append(
+            [
+                f"{name} median",
+                "r≥2" if any(r["round"] >= 2 for r in res["rounds"]) else "r1",
+                "",
+                s_["overhead_s"],
+                "",
+                s_["net_cpu_s"],
+                "",
+                "",
+                s_["bytes_per_site"] / unique,
+                "",
+                "",
+            ]
+        )
+    o_ours, o_fl = summary["fednnunet"]["overhead_s"], summary["flower"]["overhead_s"]
+    c_ours, c_fl = summary["fednnunet"]["net_cpu_s"], summary["flower"]["net_cpu_s"]
+    b_ours, b_fl = summary["fednnunet"]["bytes_per_site"], summary["flower"]["bytes_per_site"]
+    ratio = o_ours / o_fl if o_fl > 0 else float("inf")
+    cpu_ratio = c_ours / c_fl if c_fl > 0 else float("inf")
+    return BenchResult(
+        name="b2",
+        title=f"B2 round overhead and bytes: 3 sites, nnU-Net 2d ({unique / 1e6:.0f} MB unique), "
+        f"stand-in sleeps {sleep_s:g} s",
+        columns=COLUMNS,
+        rows=rows,
+        targets=[
+            Target("overhead", "≤ 0.5 s per round", f"{o_ours:.2f} s", o_ours <= 0.5),
+            Target(
+                "vs Flower",
+                "≤ 1/5 of Flower's overhead",
+                f"wall {ratio:.2f} ×, net CPU {cpu_ratio:.2f} × Flower's",
+                ratio <= 0.2,
+            ),
+            Target(
+                "bytes",
+                "≤ 2 × unique model bytes per site per round (+ safetensors headers)",
+                f"{b_ours / unique:.4f} × (Flower {b_fl / unique:.2f} ×)",
+                b_ours <= 2 * unique + 2 * HEADER_ALLOWANCE,
+            ),
+        ],
+        notes=[
+            f"Flower: {flower.get('aborted') or 'completed'}",
+            f"net CPU = CPU s of all processes in the round − {NUM_SITES} × the stand-in's own "
+            f"weight nudging ({compute_cpu:.2f} CPU s per site-round, measured alone)",
+            "overhead = round wall − S; medians over rounds ≥ 2 (round 1 has no global to pull "
+            "in fednnunet and includes warm-up)",
+            "fednnunet overhead includes the site's per-round checkpoint (needed to resume), "
+            "upload + sha256, the coordinator's screening, averaging and upload, and the "
+            "next round's download",
+        ],
+        raw={"fednnunet": ours, "flower": flower, "unique_bytes": unique, "sleep_s": sleep_s},
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--flower-server"]:
+        flower_server(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    elif sys.argv[1:2] == ["--flower-client"]:
+        flower_client(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+    else:
+        from bench.common import print_result, write_json
+
+        res = run(quick="--quick" in sys.argv)
+        print_result(res)
+        write_json(res)

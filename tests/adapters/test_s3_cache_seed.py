@@ -1,0 +1,23 @@
+"""put_file keeps its upload in the sha256 cache: the coordinator never re-downloads its global."""
+
+from __future__ import annotations
+
+import pytest
+
+from fednnunet.adapters.s3_store import ArtifactStore
+
+pytestmark = pytest.mark.integration
+
+
+def test_uploaded_file_is_served_from_cache(stack, unique_id, tmp_path):
+    store = ArtifactStore(stack, cache_dir=tmp_path / "cache")
+    store.ensure_bucket("fedtest-store")
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights" * 1000)
+    ref = store.put_file("fedtest-store", f"{unique_id('k')}/w.bin", src)
+    assert (tmp_path / "cache" / ref.sha256).read_bytes() == src.read_bytes()
+    src.write_bytes(b"changed later")  # the cache holds a copy, not the caller's file
+    store.client = None  # any S3 request now fails: the read must come from the cache
+    path = store.get_file(ref)
+    assert path == tmp_path / "cache" / ref.sha256
+    assert path.read_bytes() == b"weights" * 1000
