@@ -349,6 +349,11 @@ class ArtifactStore:
             return dest
         return final
 
+    def evict(self, ref: ArtifactRef | None) -> None:
+        """Drop a cached copy that is no longer needed (keeps the cache bounded)."""
+        if ref is not None and self.cache_dir is not None:
+            (self.cache_dir / ref.sha256).unlink(missing_ok=True)
+
     @staticmethod
     def _verify(ref: ArtifactRef, size: int, sha: str) -> None:
         if size != ref.size or sha != ref.sha256:

@@ -89,6 +89,13 @@ class Coordinator:
         return self.advance(spec.experiment_id)
 
     def on_report(self, report: SiteReport) -> None:
+        if report.ok and report.phase == "train" and report.artifact is not None:
+            # Fetch and verify the update now, outside the lock: when the last site
+            # reports, only its own update remains to be downloaded before aggregating.
+            try:
+                self.store.get_file(report.artifact)
+            except FedError as exc:
+                log.warning("prefetch of %s's update failed: %s", report.site_id, exc)
         with self.redis.locked(report.experiment_id):
             state = self._load(report.experiment_id)
             if state is None:
@@ -259,7 +266,12 @@ class Coordinator:
         )
         for site in action.late:
             state.sites_status[site].state = "late"
+        previous = state.global_weights
         sm.apply_aggregated(state, record, now)
+        for r in reports:  # the cache holds one round at a time
+            self.store.evict(r.artifact)
+        if previous is not None and previous != result_ref:
+            self.store.evict(previous)
 
     def _aggregate_once(
         self, state: sm.ExperimentState, reports: list[SiteReport], key: str
