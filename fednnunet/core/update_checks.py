@@ -32,10 +32,9 @@ def update_problems(
     for (name, tensor), norm in zip(floats.items(), norms, strict=True):
         # A tensor norm is finite iff every value is (barring float32 overflow of huge
         # finite values, which the norm check below refuses anyway): one fused pass.
-        if not math.isfinite(norm):
-            if not bool(torch.isfinite(tensor).all()):
-                problems.append(f"{name}: NaN or Inf values")
-                continue
+        if not math.isfinite(norm) and not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{name}: NaN or Inf values")
+            continue
         sq += norm * norm
     for name, tensor in update.items():
         expected = (expected_shapes or {}).get(name)
