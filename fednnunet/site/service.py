@@ -131,7 +131,9 @@ class SiteService:
         key = self._key(task, PHASE_FINGERPRINT, "fingerprint_summary.json")
         ref = self.store.stat(self.bucket, key)
         if ref is None:
-            summary = extract_site_fingerprint(self.dataset_id, num_processes=2)
+            # nnU-Net's own extractor is skipped: FFE planning replaces its output with the
+            # merged fingerprint anyway, and the summary reads every case itself.
+            summary = extract_site_fingerprint(self.dataset_id, num_processes=2, run_nnunet=False)
             ref = self.store.put_json(self.bucket, key, summary, kind="fingerprint_summary")
         return self._report(task, artifact=ref)
 

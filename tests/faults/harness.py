@@ -1,0 +1,495 @@
+"""Harness for the fault tests: an isolated federation on the real services.
+
+Each test gets its own RabbitMQ virtual host, its own Redis database and its own
+bucket prefix, so that killing connections, flushing Redis or starting a second
+coordinator cannot touch other people's runs on the shared servers (and their
+coordinators cannot pick up ours: every coordinator consumes queue
+``coordinator`` and ticks every experiment of its Redis database).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import torch
+
+from fednnunet.adapters.redis_state import RedisState
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights
+from fednnunet.cli.simulate import LocalFederation, submit
+from fednnunet.core.aggregation import fedavg
+from fednnunet.core.state_machine import TERMINAL, ExperimentState
+from fednnunet.errors import FedError
+from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket, site_bucket
+from fednnunet.settings import Settings
+from fednnunet.site.standin import StandInSession
+from fednnunet.spec import ExperimentSpec, parse_spec
+
+CLAIM_KEY = "fednnunet-faults:claim"
+REDIS_DBS = range(15, 7, -1)  # databases a fault test may claim (only when empty)
+
+
+# ---------------------------------------------------------------- shared servers
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return out.stdout
+
+
+def rabbit_env(key: str) -> str:
+    """The Erlang term of ``application:get_env(rabbit, key)``, e.g. ``{ok,1800000}``."""
+    return rabbitmqctl("eval", f"application:get_env(rabbit, {key}).").strip()
+
+
+def set_rabbit_env(key: str, value: str) -> None:
+    """Set (value is an Erlang term) or, for ``undefined``, unset a rabbit app env key."""
+    if value == "undefined":
+        rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
+    else:
+        term = value[len("{ok,") : -1] if value.startswith("{ok,") else value
+        rabbitmqctl("eval", f"application:set_env(rabbit, {key}, {term}).")
+
+
+def queue_consumers(vhost: str) -> dict[str, int]:
+    out = rabbitmqctl("list_queues", "-p", vhost, "name", "consumers")
+    result = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[1].strip().isdigit():
+            result[parts[0]] = int(parts[1])
+    return result
+
+
+def claim_redis_db(url: str, token: str) -> int:
+    """An empty Redis database for this test alone (marked so nobody else claims it)."""
+    base = url.rsplit("/", 1)[0]
+    for db in REDIS_DBS:
+        r = redis.Redis.from_url(f"{base}/{db}")
+        if r.dbsize() == 0 and r.set(CLAIM_KEY, token, nx=True):
+            if r.dbsize() == 1:
+                return db
+            r.delete(CLAIM_KEY)
+    raise RuntimeError("no empty Redis database left for a fault test")
+
+
+@dataclass
+class Isolated:
+    """One test's private corner of the shared RabbitMQ, Redis and S3."""
+
+    token: str
+    vhost: str
+    redis_db: int
+    settings: Settings
+    env: dict[str, str]
+    tmp: Path
+
+    @property
+    def redis(self) -> RedisState:
+        return RedisState(self.settings.redis_url)
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.settings, retry_total_s=30)
+
+    def with_env(self, **overrides: str) -> dict[str, str]:
+        return self.env | overrides
+
+
+def open_isolated(base: Settings, token: str, tmp: Path, **settings_overrides) -> Isolated:
+    tmp.mkdir(parents=True, exist_ok=True)
+    vhost = f"fednnunet-flt-{token}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    db = claim_redis_db(base.redis_url, token)
+    broker = urlunsplit(urlsplit(base.broker_url)._replace(path="/" + vhost))
+    settings = base.model_copy(
+        update={
+            "broker_url": broker,
+            "redis_url": base.redis_url.rsplit("/", 1)[0] + f"/{db}",
+            "bucket_prefix": f"flt{token}",
+            **settings_overrides,
+        }
+    )
+    env = {
+        "FEDNNUNET_S3_ACCESS_KEY": settings.s3_access_key,
+        "FEDNNUNET_S3_SECRET_KEY": settings.s3_secret_key,
+        "FEDNNUNET_BROKER_URL": settings.broker_url,
+        "FEDNNUNET_REDIS_URL": settings.redis_url,
+        "FEDNNUNET_S3_ENDPOINT": settings.s3_endpoint,
+        "FEDNNUNET_BUCKET_PREFIX": settings.bucket_prefix,
+        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_STANDIN_MODEL": "tiny",
+        "FEDNNUNET_STANDIN_DIR": str(tmp / "standin"),
+        "FEDNNUNET_STANDIN_SLEEP_S": "2",
+        "FEDNNUNET_HEARTBEAT_INTERVAL_S": "1",
+        "FEDNNUNET_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "nnUNet_raw": str(tmp),
+        "nnUNet_preprocessed": str(tmp),
+        "nnUNet_results": str(tmp),
+    }
+    return Isolated(token, vhost, db, settings, env, tmp)
+
+
+def close_isolated(iso: Isolated) -> None:
+    try:
+        rabbitmqctl("delete_vhost", iso.vhost)
+    finally:
+        redis.Redis.from_url(iso.settings.redis_url).flushdb()
+
+
+# ---------------------------------------------------------------- processes
+class Federation(LocalFederation):
+    """LocalFederation with per-site environment overrides and intentional kills tracked."""
+
+    def __init__(
+        self,
+        sites: Mapping[str, int],
+        log_dir: Path,
+        env: Mapping[str, str],
+        site_env: Mapping[str, Mapping[str, str]] | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(sites, log_dir, env=env, **kwargs)
+        self.overrides = {s: dict(v) for s, v in (site_env or {}).items()}
+        self.killed: set[str] = set()
+
+    def site_env(self, site: str) -> dict[str, str]:
+        return super().site_env(site) | self.overrides.get(site, {})
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        if sig == signal.SIGKILL:
+            self.killed.add(name)
+        super().kill(name, sig)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.killed.discard(name)
+        return super()._spawn(name, args, env)
+
+    def signal_group(self, name: str, sig: int) -> None:
+        os.killpg(self.procs[name].pid, sig)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs_tail(self, chars: int = 1500) -> str:
+        return "\n".join(f"--- {n}\n{self.log(n)[-chars:]}" for n in self.procs)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if name not in self.killed and proc.poll() is not None:
+                raise FedError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-2000:]}")
+
+    def wait_ready(self, vhost: str, queues: list[str], timeout_s: float = 90) -> None:
+        """Until every queue has a consumer (workers connected and subscribed)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            consumers = queue_consumers(vhost)
+            if all(consumers.get(q, 0) >= 1 for q in queues):
+                return
+            if time.monotonic() > deadline:
+                raise FedError(f"workers not ready: {consumers}\n{self.logs_tail()}")
+            time.sleep(1.0)
+
+
+# ---------------------------------------------------------------- experiments
+def make_spec(experiment_id: str, sites: list[str], **overrides) -> ExperimentSpec:
+    data = {
+        "experiment_id": experiment_id,
+        "sites": sites,
+        "method": "asym",
+        "rounds": 3,
+        "configuration": "2d",
+        "device": "cpu",
+        "heartbeat_timeout_s": 6,
+    }
+    return parse_spec(data | overrides)
+
+
+@dataclass
+class Run:
+    state: ExperimentState
+    wall_s: float
+    events: dict[str, float] = field(default_factory=dict)
+
+
+def drive(
+    iso: Isolated,
+    fed: Federation,
+    spec: ExperimentSpec,
+    timeout_s: float = 150,
+    on_poll: Callable[[ExperimentState | None], None] | None = None,
+    poll_s: float = 0.1,
+) -> Run:
+    """Submit ``spec`` and poll its state (calling ``on_poll``) until it ends."""
+    redis_state = iso.redis
+    t0 = time.monotonic()
+    submit(iso.settings, spec)
+    while True:
+        state = redis_state.load(spec.experiment_id)
+        if on_poll is not None:
+            on_poll(state)
+        if state is not None and state.phase in TERMINAL:
+            return Run(state, time.monotonic() - t0)
+        fed.check_alive()
+        if time.monotonic() - t0 > timeout_s:
+            phase = state.phase if state else "not started"
+            raise FedError(f"{spec.experiment_id} stuck in {phase}\n{fed.logs_tail()}")
+        time.sleep(poll_s)
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout_s:
+            raise FedError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------- checks
+def update_key(experiment_id: str, round_: int, site: str) -> str:
+    return artifact_key(experiment_id, PHASE_TRAIN, round_, site, "update.safetensors")
+
+
+def global_key(experiment_id: str, round_: int) -> str:
+    return artifact_key(experiment_id, PHASE_TRAIN, round_, GLOBAL_SITE, "weights.safetensors")
+
+
+def load_update(store: ArtifactStore, prefix: str, exp: str, round_: int, site: str) -> dict:
+    ref = store.stat(site_bucket(prefix, site), update_key(exp, round_, site))
+    assert ref is not None, f"no update of {site} for round {round_}"
+    return decode_weights(store.get_bytes(ref))
+
+
+def check_history(
+    iso: Isolated, state: ExperimentState, sites: list[str]
+) -> dict[str, torch.Tensor]:
+    """No round lost or repeated, no update lost or counted twice; returns the final weights.
+
+    Every round appears once; its participants are distinct sites of the experiment;
+    its global object is the only one of that round and equals the case-weighted
+    FedAvg (atol 1e-6) of exactly its participants' updates in S3.
+    """
+    assert state.phase == "done", state.error
+    assert [r.round for r in state.history] == list(range(1, state.rounds + 1))
+    store = iso.store()
+    gbucket = global_bucket(iso.settings.bucket_prefix)
+    exp = state.experiment_id
+    weights: dict[str, torch.Tensor] = {}
+    for record in state.history:
+        assert len(set(record.participants)) == len(record.participants), record.participants
+        assert set(record.participants) <= set(sites)
+        assert not set(record.participants) & set(record.late)
+        objs = store.list_keys(gbucket, f"{exp}/{PHASE_TRAIN}/r{record.round:05d}/")
+        assert objs == [global_key(exp, record.round)], objs
+        ordered = [s for s in sites if s in record.participants]
+        updates = [
+            (
+                load_update(store, iso.settings.bucket_prefix, exp, record.round, s),
+                float(record.num_cases[s]),
+            )
+            for s in ordered
+        ]
+        expected = fedavg(updates)
+        weights = decode_weights(store.get_bytes(record.global_weights))
+        assert weights.keys() == expected.keys()
+        for k, v in expected.items():
+            assert torch.allclose(weights[k], v, rtol=0, atol=1e-6), (record.round, k)
+    assert state.global_weights == state.history[-1].global_weights
+    return weights
+
+
+def reference_weights(
+    spec: ExperimentSpec,
+    datasets: Mapping[str, int],
+    participants: list[list[str]],
+    model: str = "tiny",
+) -> dict[str, torch.Tensor]:
+    """Final global weights of an undisturbed run, computed in-process.
+
+    The stand-in trainer is deterministic per (dataset, seed, epoch); every site trains
+    every round (a late site too) and the global of round r averages ``participants[r-1]``
+    in the experiment's site order, exactly as the coordinator does.
+    """
+    with tempfile.TemporaryDirectory(prefix="fednnunet-ref-") as tmp:
+        sessions = {
+            s: StandInSession(
+                ds,
+                spec.configuration,
+                spec.fold,
+                seed=spec.seed,
+                model=model,
+                run_id=spec.experiment_id,
+                workdir=Path(tmp) / s,
+            )
+            for s, ds in datasets.items()
+        }
+        global_: dict[str, torch.Tensor] | None = None
+        for round_ in range(1, spec.rounds + 1):
+            updates = {}
+            for site in spec.sites:
+                session = sessions[site]
+                if global_ is not None:
+                    session.load_global(decode_weights(encode_weights(global_)))
+                session.train_epochs(spec.local_epochs)
+                updates[site] = {k: v.clone() for k, v in session.state_dict().items()}
+            global_ = fedavg(
+                [
+                    (updates[s], float(sessions[s].num_training_cases()))
+                    for s in spec.sites
+                    if s in participants[round_ - 1]
+                ]
+            )
+        assert global_ is not None
+        return global_
+
+
+def assert_same_weights(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
+    """Bit-for-bit equality (the stand-in and FedAvg are deterministic)."""
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max().item())
+
+
+def count_lines(text: str, needle: str) -> int:
+    return sum(needle in line for line in text.splitlines())
+
+
+# ---------------------------------------------------------------- measurements
+def record(fault: str, run: Run | None, **extra) -> None:
+    """Append a measurement to $FEDNNUNET_FAULTS_REPORT (JSON lines), if set."""
+    path = os.environ.get("FEDNNUNET_FAULTS_REPORT")
+    if not path:
+        return
+    row = {"fault": fault, "wall_s": round(run.wall_s, 2) if run else None, **extra}
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def rm_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a private S3 server
+class PrivateS3:
+    """A SeaweedFS ``weed mini`` of our own, on its own ports and data directory.
+
+    Stopping it makes S3 unreachable for this test only; restarting it on the same
+    directory brings the same objects back.
+    """
+
+    def __init__(self, data_dir: Path, port: int, access_key: str, secret_key: str) -> None:
+        self.dir, self.port = Path(data_dir), port
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identities = self.dir / "identities.json"
+        self.identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        p = self.port
+        return [
+            weed,
+            "mini",
+            f"-dir={self.dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={p}",
+            f"-s3.port.grpc={p + 10000}",
+            f"-master.port={p + 1}",
+            f"-master.port.grpc={p + 10001}",
+            f"-volume.port={p + 2}",
+            f"-volume.port.grpc={p + 10002}",
+            f"-filer.port={p + 3}",
+            f"-filer.port.grpc={p + 10003}",
+            f"-admin.port={p + 4}",
+            f"-admin.port.grpc={p + 10004}",
+            f"-s3.config={self.identities}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
+
+    def start(self, timeout_s: float = 60) -> None:
+        log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            self.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=os.environ | {"GOMEMLIMIT": "256MiB"},
+            start_new_session=True,
+        )
+        wait_until(self.answers, timeout_s, f"S3 server on port {self.port}", poll_s=0.25)
+
+    def answers(self) -> bool:
+        import urllib3
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise FedError(f"weed exited:\n{(self.dir / 'weed.log').read_text()[-2000:]}")
+        try:
+            urllib3.request("GET", f"http://{self.endpoint}/", timeout=1.0, retries=False)
+            return True
+        except urllib3.exceptions.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def free_port_block(width: int = 5) -> int:
+    """A port p with p..p+width-1 and p+10000..p+10000+width-1 all free (best effort)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        p = random.randrange(30000, 45000, 10)
+        ports = [p + i for i in range(width)] + [p + 10000 + i for i in range(width)]
+        try:
+            for port in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return p
+    raise RuntimeError("no free port block")
