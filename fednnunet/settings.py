@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # Threads and augmentation workers for nnU-Net on this site (0 = nnU-Net default).
     torch_threads: int = 0
     da_processes: int = Field(default=-1, description="nnUNet_n_proc_DA; -1 keeps nnU-Net's")
+    # A local-only nnU-Net run of this site (fold folder or its validation/summary.json):
+    # its Dice is reported beside the federated one for comparison.
+    local_baseline: str | None = None
     # "nnunet" (real training) or "standin" (no compute: sleeps, exchanges real-size
     # weights; for benchmarks and fault tests of the federation itself).
     session: str = "nnunet"

@@ -100,17 +100,10 @@ def render(
         )
         parts.append(ProgressBar(total=state.rounds, completed=completed, width=50))
     table = Table(show_header=True, header_style="bold")
-    for col in (
-        "site",
-        "state",
-        "try",
-        "progress",
-        "loss",
-        "pseudo-Dice",
-        "Dice",
-        "MB moved",
-        "heartbeat",
-    ):
+    has_local = any("local_mean_dice" in m for m in state.final_metrics.values())
+    columns = ["site", "state", "try", "progress", "loss", "pseudo-Dice", "Dice"]
+    columns += ["local-only Dice"] if has_local else []
+    for col in [*columns, "MB moved", "heartbeat"]:
         table.add_column(col)
     for site, row in info["sites"].items():
         prog = progress.get(site, {})
@@ -122,7 +115,9 @@ def render(
         pdice = metrics.get("pseudo_dice", last_round.get("pseudo_dice"))
         dice = (state.final_metrics.get(site) or {}).get("mean_dice")
         hb = row["last_heartbeat_s_ago"]
-        table.add_row(
+        final = state.final_metrics.get(site) or {}
+        local = final.get("local_mean_dice")
+        cells = [
             site,
             Text(row["state"], style=_STATE_STYLE.get(row["state"], "")),
             str(row["attempt"]),
@@ -130,9 +125,11 @@ def render(
             f"{loss:.4f}" if isinstance(loss, float) else "",
             f"{pdice:.3f}" if isinstance(pdice, float) else "",
             f"{dice:.3f}" if isinstance(dice, float) else "",
-            f"{row['bytes_moved'] / 1e6:.1f}",
-            f"{hb:.0f}s ago" if hb is not None else "",
-        )
+        ]
+        if has_local:
+            cells.append(f"{local:.3f}" if isinstance(local, float) else "n/a")
+        cells += [f"{row['bytes_moved'] / 1e6:.1f}", f"{hb:.0f}s ago" if hb is not None else ""]
+        table.add_row(*cells)
     parts.append(table)
     if state.error:
         parts.append(Text(f"error: {state.error}", style="bold red"))

@@ -291,6 +291,9 @@ class SiteService:
         metrics = {"mean_dice": float(result.get("mean_dice", float("nan")))}
         for label, dice in (result.get("dice_per_class") or {}).items():
             metrics[f"dice_{label}"] = float(dice)
+        local = local_baseline_dice(self.settings.local_baseline)
+        if local is not None:
+            metrics["local_mean_dice"] = local
         meta = {
             "metrics": metrics,
             "num_cases": session.num_training_cases(),
@@ -300,3 +303,20 @@ class SiteService:
         session.close()
         self._sessions.pop(task.experiment_id, None)
         return self._report(task, metrics=metrics, num_cases=meta["num_cases"])
+
+
+def local_baseline_dice(path: str | None) -> float | None:
+    """Mean foreground Dice of the site's local-only nnU-Net run, if one is configured."""
+    if not path:
+        return None
+    summary = Path(path)
+    if summary.is_dir():
+        summary = summary / "validation" / "summary.json"
+    if not summary.is_file():
+        log.warning("local baseline %s has no validation/summary.json", path)
+        return None
+    try:
+        return float(json.loads(summary.read_text())["foreground_mean"]["Dice"])
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("local baseline %s unreadable: %s", summary, exc)
+        return None

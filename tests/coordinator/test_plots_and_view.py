@@ -88,3 +88,30 @@ def test_watch_view_shows_every_site_round_and_progress():
         assert needle in text, needle
     info = status_dict(state, progress, {}, {})
     assert info["round"] == 3 and set(info["sites"]) == {"901", "902", "903"}
+
+
+def test_final_table_compares_federated_and_local_only_dice(tmp_path):
+    import json
+
+    from fednnunet.site.service import local_baseline_dice
+
+    fold = tmp_path / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    (fold / "validation" / "summary.json").write_text(
+        json.dumps({"foreground_mean": {"Dice": 0.8125}})
+    )
+    assert local_baseline_dice(str(fold)) == 0.8125
+    assert local_baseline_dice(str(tmp_path / "missing")) is None
+    assert local_baseline_dice(None) is None
+
+    state = _state_with_rounds(5)
+    sm.apply_validated(state, 10.0)
+    state.final_metrics = {
+        "901": {"mean_dice": 0.9, "local_mean_dice": 0.8125},
+        "902": {"mean_dice": 0.95},
+        "903": {"mean_dice": 0.97},
+    }
+    console = Console(record=True, width=160)
+    console.print(render(state, {}, {}, {}))
+    text = console.export_text()
+    assert "local-only Dice" in text and "0.812" in text and "n/a" in text and "0.950" in text
