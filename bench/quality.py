@@ -76,15 +76,9 @@ def _tree(roots: list[int]) -> set[int]:
 
 
 def _env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for var, sub in (
-        ("nnUNet_raw", "raw"),
-        ("nnUNet_preprocessed", "pre"),
-        ("nnUNet_results", "results"),
-    ):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(root / sub)
-    return env
+    from fednnunet.nnunet.env import make_nnunet_dirs
+
+    return dict(os.environ) | make_nnunet_dirs(root)
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, labels: list[int]) -> float:

@@ -16,6 +16,8 @@ EXPERIMENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 COORDINATOR_QUEUE = "coordinator"
 PROGRESS_EXCHANGE = "fednnunet.progress"
 GLOBAL_SITE = "global"
+# Experiment id of the heartbeats a site worker sends while it has no task (reserved).
+IDLE_EXPERIMENT = "idle"
 
 PHASE_FINGERPRINT = "fingerprint"
 PHASE_PLAN = "plan"

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fednnunet.errors import FedError, SpecError
-from fednnunet.keys import EXPERIMENT_ID_RE, SITE_ID_RE
+from fednnunet.keys import EXPERIMENT_ID_RE, IDLE_EXPERIMENT, SITE_ID_RE
 from fednnunet.messages import TrainingOptions
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -43,6 +43,8 @@ class ExperimentSpec(BaseModel):
     @field_validator("experiment_id")
     @classmethod
     def _exp_id(cls, v: str) -> str:
+        if v == IDLE_EXPERIMENT:
+            raise ValueError(f"{v!r} is reserved")
         if not EXPERIMENT_ID_RE.match(v):
             raise ValueError("must be lowercase letters, digits and '-', at most 63 characters")
         return v

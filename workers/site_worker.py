@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from celery import Celery
+from celery.signals import worker_ready
 from celery.worker.request import Request
 
 from fednnunet.adapters.broker import (
@@ -81,6 +82,12 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
                 progress=ProgressPublisher(settings, settings.site_id or "?"),
             )
         return state["svc"]
+
+    def start_heartbeats(**_: object) -> None:
+        # Idle beats from the start: a task lost before its first heartbeat is re-sent.
+        get_service()
+
+    worker_ready.connect(start_heartbeats, weak=False)
 
     def make_task(phase: str, name: str) -> None:
         @app.task(name=name, acks_late=False, ignore_result=True, Request=AckOnReceipt)

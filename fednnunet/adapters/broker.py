@@ -29,7 +29,13 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 
 from fednnunet.errors import ServiceUnreachable
-from fednnunet.keys import COORDINATOR_QUEUE, PROGRESS_EXCHANGE, progress_routing_key, site_queue
+from fednnunet.keys import (
+    COORDINATOR_QUEUE,
+    IDLE_EXPERIMENT,
+    PROGRESS_EXCHANGE,
+    progress_routing_key,
+    site_queue,
+)
 from fednnunet.messages import ProgressEvent
 from fednnunet.settings import Settings
 
@@ -246,9 +252,22 @@ class ProgressPublisher:
             self._active = None
 
     def heartbeat(self) -> None:
+        """Beat for the active task, or an idle beat: the worker is alive with nothing to do.
+
+        An idle beat after a task was dispatched to this site means the task was lost
+        (e.g. the worker died right after acknowledging it): the coordinator re-sends it.
+        """
         with self._lock:
             if self._active is not None:
-                self.publish(self._active.model_copy(update={"time": time.time()}))
+                event = self._active.model_copy(update={"time": time.time()})
+            else:
+                event = ProgressEvent(
+                    experiment_id=IDLE_EXPERIMENT,
+                    site_id=self.site_id,
+                    kind="heartbeat",
+                    time=time.time(),
+                )
+        self.publish(event)
 
     def publish(self, event: ProgressEvent) -> None:
         if not event.time:

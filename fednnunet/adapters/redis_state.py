@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import redis
 
 from fednnunet.core.state_machine import ExperimentState
 from fednnunet.errors import ServiceUnreachable
+from fednnunet.keys import IDLE_EXPERIMENT
 from fednnunet.messages import ProgressEvent
 
 
@@ -111,17 +113,25 @@ class RedisState:
     def is_alive_marked(self) -> bool:
         return bool(self.r.exists(f"{self.ns}:alive"))
 
-    def record_progress(self, event: ProgressEvent) -> None:
+    def record_progress(self, event: ProgressEvent, received: float | None = None) -> None:
+        """Store a progress event; times are the coordinator's receive times (no clock skew)."""
+        received = time.time() if received is None else received
+        if event.experiment_id == IDLE_EXPERIMENT:
+            self.r.hset(f"{self.ns}:idle", event.site_id, received)
+            return
         pipe = self.r.pipeline()
-        pipe.hset(self._k(event.experiment_id, "heartbeat"), event.site_id, event.time)
+        pipe.hset(self._k(event.experiment_id, "heartbeat"), event.site_id, received)
         if event.kind == "progress" or event.kind == "heartbeat":
-            pipe.hset(
-                self._k(event.experiment_id, "progress"), event.site_id, event.model_dump_json()
-            )
+            payload = event.model_dump(mode="json") | {"received": received}
+            pipe.hset(self._k(event.experiment_id, "progress"), event.site_id, json.dumps(payload))
         moved = event.bytes_sent + event.bytes_received
         if moved:
             pipe.hincrby(self._k(event.experiment_id, "bytes"), event.site_id, moved)
         pipe.execute()
+
+    def idle_since(self) -> dict[str, float]:
+        """Site -> last time its worker said it had no task."""
+        return {k: float(v) for k, v in self.r.hgetall(f"{self.ns}:idle").items()}
 
     def heartbeats(self, experiment: str) -> dict[str, float]:
         return {k: float(v) for k, v in self.r.hgetall(self._k(experiment, "heartbeat")).items()}

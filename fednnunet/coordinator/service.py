@@ -156,7 +156,8 @@ class Coordinator:
             elif state.phase == "validate" and sm.phase_complete(state, now):
                 sm.apply_validated(state, now)
                 self._write_final(state)
-            for action in sm.next_actions(state, now, self.redis.heartbeats(state.experiment_id)):
+            beats = self.redis.heartbeats(state.experiment_id)
+            for action in sm.next_actions(state, now, beats, self.redis.idle_since()):
                 self._perform(state, action, now)
             changed = state.seq != seq_before
             self._save(state, journal=changed)
@@ -172,7 +173,7 @@ class Coordinator:
             st = state.sites_status.get(site)
             if st is None or st.state != "queued" or st.dispatched_at is None:
                 continue
-            if event.get("time", 0) >= st.dispatched_at - 1.0:
+            if event.get("received", 0.0) >= st.dispatched_at:
                 sm.apply_heartbeat(
                     state, site, event.get("phase") or "", event.get("round", -1), now
                 )

@@ -257,13 +257,25 @@ def _needs_all_sites(state: ExperimentState) -> bool:
     return state.phase in ("fingerprint", "plan")
 
 
+# An idle beat this long after a dispatch means the site's worker is not doing the task.
+IDLE_GRACE_S = 10.0
+
+
 def next_actions(
-    state: ExperimentState, now: float, heartbeats: dict[str, float] | None = None
+    state: ExperimentState,
+    now: float,
+    heartbeats: dict[str, float] | None = None,
+    idle_since: dict[str, float] | None = None,
 ) -> list[Action]:
-    """What the coordinator must do now. Pure: same state and clock, same answer."""
+    """What the coordinator must do now. Pure: same state and clock, same answer.
+
+    ``heartbeats``: last beat per site for this experiment; ``idle_since``: last time each
+    site's worker said it had no task at all (coordinator clock, both).
+    """
     if state.phase in TERMINAL:
         return []
     heartbeats = heartbeats or {}
+    idle_since = idle_since or {}
     actions: list[Action] = []
     statuses = state.sites_status
 
@@ -271,6 +283,13 @@ def next_actions(
         if st.state == "pending":
             actions.append(Dispatch(site, state.phase, state.round, 1))
         elif st.state == "failed" and st.retryable and st.attempt < state.max_attempts:
+            actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+        elif (
+            st.state == "queued"
+            and idle_since.get(site, 0.0) > (st.dispatched_at or now) + IDLE_GRACE_S
+        ):
+            # The worker is up and idle, yet never started the task: it was lost (e.g. the
+            # worker died between acknowledging it and its first heartbeat).
             actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
         elif st.state == "running":
             last = max(heartbeats.get(site, 0.0), st.started_at or 0.0)

@@ -14,11 +14,10 @@ what nnU-Net computes on the pooled data.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +29,16 @@ from fednnunet.core.fingerprint_merge import (
     summarize_channel_cases,
 )
 from fednnunet.errors import DatasetError
+from fednnunet.nnunet.env import temporary_env
 
 # Below this many cases a process pool costs more than it saves: each spawned worker
 # imports nnunetv2 (and with it torch), about 2 s on a small machine.
 _POOL_MIN_CASES = 16
 
 
-@contextlib.contextmanager
-def nnunet_env(raw_root: Path | None, preprocessed_root: Path | None) -> Iterator[None]:
+def nnunet_env(raw_root: Path | None, preprocessed_root: Path | None):
     """Point nnU-Net at explicit folders for the duration (nnunetv2 2.8 reads env lazily)."""
-    new = {"nnUNet_raw": raw_root, "nnUNet_preprocessed": preprocessed_root}
-    old = {k: os.environ.get(k) for k in new}
-    try:
-        for k, v in new.items():
-            if v is not None:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return temporary_env(nnUNet_raw=raw_root, nnUNet_preprocessed=preprocessed_root)
 
 
 def summarize_case(

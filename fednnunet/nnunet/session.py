@@ -24,29 +24,13 @@ import numpy as np
 import torch
 
 from fednnunet.errors import DatasetError, FedError
+from fednnunet.nnunet.env import temporary_env
 from fednnunet.settings import require_nnunet_paths
 
 SIDECAR_NAME = "fednnunet_round.json"
 # nnU-Net writes checkpoint_latest.pth every ``save_every`` epochs on its own; a mid-round
 # checkpoint would no longer match the round recorded in the sidecar, so only rounds write it.
 _NEVER = 10**9
-
-
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    """Set environment variables (None: leave alone) for the duration, then restore them."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is not None:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -188,7 +172,7 @@ class FederatedTrainingSession:
 
         compile_flag = "t" if compile_network else "f"
         da = None if da_processes is None else str(da_processes)
-        with _env(nnUNet_compile=compile_flag):
+        with temporary_env(nnUNet_compile=compile_flag):
             # Seed right before the network is built: equal plans + seed -> equal init weights.
             torch.manual_seed(seed)
             np.random.seed(seed)
@@ -206,7 +190,7 @@ class FederatedTrainingSession:
                         f"epoch {sidecar.get('epoch')}; continuing from the checkpoint"
                     )
             if not self._finished:
-                with _env(nnUNet_n_proc_DA=da):
+                with temporary_env(nnUNet_n_proc_DA=da):
                     trainer.on_train_start()
         tr_keys, _ = trainer.do_split()
         self._num_training_cases = len(tr_keys)

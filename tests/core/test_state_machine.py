@@ -171,3 +171,11 @@ def test_non_retryable_failure_fails_at_once_with_the_site_error():
     )
     (fail,) = sm.next_actions(s, 2.0)
     assert isinstance(fail, sm.Fail) and "b: Dataset902: broken" in fail.reason
+
+
+def test_lost_queued_task_is_resent_when_the_worker_reports_idle():
+    s = _to_train()  # dispatched at t=1.0
+    assert sm.next_actions(s, 5.0, {}, {"a": 4.0}) == []  # idle beat before the grace: wait
+    assert sm.next_actions(s, 30.0, {}, {}) == []  # no idle beat (busy or down): wait
+    (again,) = sm.next_actions(s, 30.0, {}, {"a": 1.0 + sm.IDLE_GRACE_S + 1})
+    assert again == sm.Dispatch("a", "train", 1, 2)

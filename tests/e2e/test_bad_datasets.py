@@ -10,6 +10,7 @@ import pytest
 
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.nnunet.demo_data import make_demo_federation
+from fednnunet.nnunet.env import make_nnunet_dirs
 from fednnunet.spec import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.nnunet]
@@ -19,15 +20,8 @@ SITE_OF = {i: s for s, i in SITES.items()}
 
 
 def _fingerprint_run(stack, tmp: Path, unique_id, spoil) -> tuple:
-    env = {}
-    for var, sub in (
-        ("nnUNet_raw", "raw"),
-        ("nnUNet_preprocessed", "pre"),
-        ("nnUNet_results", "results"),
-    ):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(tmp / sub)
-    folders = make_demo_federation(tmp / "raw", [901, 902], num_cases=4, seed=1)
+    env = make_nnunet_dirs(tmp)
+    folders = make_demo_federation(Path(env["nnUNet_raw"]), [901, 902], num_cases=4, seed=1)
     spoil(folders[1])
     spec = parse_spec(
         {

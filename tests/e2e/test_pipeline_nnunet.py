@@ -17,6 +17,7 @@ from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import decode_weights
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.nnunet.demo_data import make_demo_dataset, make_demo_federation
+from fednnunet.nnunet.env import make_nnunet_dirs
 from fednnunet.spec import parse_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.nnunet]
@@ -28,16 +29,7 @@ SITE_OF = {i: s for s, i in SITES.items()}
 
 
 def _env(root: Path) -> dict[str, str]:
-    env = {}
-    for var, sub in (
-        ("nnUNet_raw", "raw"),
-        ("nnUNet_preprocessed", "pre"),
-        ("nnUNet_results", "results"),
-    ):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(root / sub)
-    env["nnUNet_def_n_proc"] = "1"
-    return env
+    return make_nnunet_dirs(root) | {"nnUNet_def_n_proc": "1"}
 
 
 def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=None):
