@@ -7,4 +7,4 @@ cd "$REPO"
 bash scripts/setup.sh
 bash deploy/local/stack.sh up
 .venv/bin/ruff check fednnunet workers tests bench broker_config
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
