@@ -210,7 +210,12 @@ def _run_federated(
     return info, wall, peak_planning
 
 
-def run(
+def run(quick: bool = False) -> BenchResult:
+    """Entry point of ``python -m bench.run quality``."""
+    return measure(rounds=4 if quick else 10, iterations=10 if quick else 25)
+
+
+def measure(
     rounds: int = 10, iterations: int = 25, val_iterations: int = 5, workdir: Path | None = None
 ) -> BenchResult:
     import statistics
@@ -348,7 +353,7 @@ def main() -> None:
     parser.add_argument("--val-iterations", type=int, default=5)
     args = parser.parse_args()
     subprocess.run(["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"], check=True)
-    result = run(args.rounds, args.iterations, args.val_iterations)
+    result = measure(args.rounds, args.iterations, args.val_iterations)
     print_result(result)
     print(f"  -> {write_json(result)}")
 
