@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     # Threads and augmentation workers for nnU-Net on this site (0 = nnU-Net default).
     torch_threads: int = 0
     da_processes: int = Field(default=-1, description="nnUNet_n_proc_DA; -1 keeps nnU-Net's")
+    # Coordinator: render the per-round progress picture into S3 (FEDNNUNET_PLOTS=false: off).
+    plots: bool = True
     # A local-only nnU-Net run of this site (fold folder or its validation/summary.json):
     # its Dice is reported beside the federated one for comparison.
     local_baseline: str | None = None

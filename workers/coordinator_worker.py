@@ -59,6 +59,7 @@ def build_coordinator(
         RedisState(settings.redis_url),
         ArtifactStore(settings, cache_dir=cache),
         TaskSender(app, settings),
+        render_plots=settings.plots,
     )
 
     @app.task(name=REPORT_TASK, acks_late=True, ignore_result=True)
