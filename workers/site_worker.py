@@ -86,6 +86,12 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
     def start_heartbeats(**_: object) -> None:
         # Idle beats from the start: a task lost before its first heartbeat is re-sent.
         get_service()
+        if settings.session == "nnunet":
+            # A site worker is a long-lived service: pay nnU-Net's import time (torch,
+            # SimpleITK, nnunetv2: seconds of CPU) at start-up, not in the first phase.
+            import fednnunet.nnunet.fingerprint
+            import fednnunet.nnunet.planning
+            import fednnunet.nnunet.session  # noqa: F401
 
     worker_ready.connect(start_heartbeats, weak=False)
 

@@ -124,6 +124,7 @@ class LocalFederation:
             proc.wait(timeout=10)
 
     def __enter__(self) -> LocalFederation:
+        self.started_at = time.time()
         # Site workers never declare queues (least privilege): declare them first.
         declare_topology(get_settings(**_settings_env(self.env)), list(self.sites))
         if self.with_coordinator:
@@ -150,6 +151,22 @@ class LocalFederation:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Return once every site worker has sent an idle heartbeat since we started it.
+
+        Needs the coordinator (it records the beats). Benchmarks use it so that worker
+        start-up (imports) is not counted as federation time.
+        """
+        redis = RedisState(get_settings(**_settings_env(self.env)).redis_url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            idle = redis.idle_since()
+            if all(idle.get(site, 0.0) >= self.started_at for site in self.sites):
+                return
+            time.sleep(0.5)
+        raise FedError(f"site workers not ready within {timeout_s:.0f}s")
+
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
@@ -158,6 +175,6 @@ class LocalFederation:
 
 
 def _settings_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The broker URL the children will use (they read FEDNNUNET_* from env)."""
-    url = env.get("FEDNNUNET_BROKER_URL")
-    return {"broker_url": url} if url else {}
+    """The broker and Redis URLs the children will use (they read FEDNNUNET_* from env)."""
+    names = {"FEDNNUNET_BROKER_URL": "broker_url", "FEDNNUNET_REDIS_URL": "redis_url"}
+    return {field: env[var] for var, field in names.items() if env.get(var)}

@@ -12,7 +12,8 @@ import shutil
 import pytest
 
 from fednnunet.settings import get_settings
-from tests.faults.harness import PrivateS3, close_isolated, free_port_block, open_isolated
+from tests.faults.harness import PrivateS3, close_isolated, open_isolated
+from tests.support.weed import free_port_block
 
 
 def _need_tools() -> None:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket
 from fednnunet.settings import Settings
 from fednnunet.site.standin import StandInSession
 from fednnunet.spec import ExperimentSpec, parse_spec
+from tests.support.weed import WeedServer, admin_identities
 
 CLAIM_KEY = "fednnunet-faults:claim"
 REDIS_DBS = range(15, 7, -1)  # databases a fault test may claim (only when empty)
@@ -386,7 +386,7 @@ def rm_tree(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- a private S3 server
-class PrivateS3:
+class PrivateS3(WeedServer):
     """A SeaweedFS ``weed mini`` of our own, on its own ports and data directory.
 
     Stopping it makes S3 unreachable for this test only; restarting it on the same
@@ -394,102 +394,11 @@ class PrivateS3:
     """
 
     def __init__(self, data_dir: Path, port: int, access_key: str, secret_key: str) -> None:
-        self.dir, self.port = Path(data_dir), port
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.identities = self.dir / "identities.json"
-        self.identities.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "admin",
-                            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
-                    ]
-                }
-            )
+        super().__init__(
+            data_dir, admin_identities(access_key, secret_key), port=port, stop_grace_s=20
         )
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def argv(self) -> list[str]:
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        p = self.port
-        return [
-            weed,
-            "mini",
-            f"-dir={self.dir / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            f"-s3.port={p}",
-            f"-s3.port.grpc={p + 10000}",
-            f"-master.port={p + 1}",
-            f"-master.port.grpc={p + 10001}",
-            f"-volume.port={p + 2}",
-            f"-volume.port.grpc={p + 10002}",
-            f"-filer.port={p + 3}",
-            f"-filer.port.grpc={p + 10003}",
-            f"-admin.port={p + 4}",
-            f"-admin.port.grpc={p + 10004}",
-            f"-s3.config={self.identities}",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-master.telemetry=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-        ]
-
-    def start(self, timeout_s: float = 60) -> None:
-        log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=os.environ | {"GOMEMLIMIT": "256MiB"},
-            start_new_session=True,
-        )
-        wait_until(self.answers, timeout_s, f"S3 server on port {self.port}", poll_s=0.25)
 
     def answers(self) -> bool:
-        import urllib3
-
         if self.proc is not None and self.proc.poll() is not None:
             raise FedError(f"weed exited:\n{(self.dir / 'weed.log').read_text()[-2000:]}")
-        try:
-            urllib3.request("GET", f"http://{self.endpoint}/", timeout=1.0, retries=False)
-            return True
-        except urllib3.exceptions.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
-def free_port_block(width: int = 5) -> int:
-    """A port p with p..p+width-1 and p+10000..p+10000+width-1 all free (best effort)."""
-    import random
-    import socket
-
-    for _ in range(200):
-        p = random.randrange(30000, 45000, 10)
-        ports = [p + i for i in range(width)] + [p + 10000 + i for i in range(width)]
-        try:
-            for port in ports:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no free port block")
+        return super().answers()

@@ -32,7 +32,6 @@ from tests.faults.harness import (
     check_history,
     count_lines,
     drive,
-    free_port_block,
     load_update,
     make_spec,
     queue_consumers,
@@ -44,6 +43,7 @@ from tests.faults.harness import (
     update_key,
     wait_until,
 )
+from tests.support.weed import free_port_block
 
 pytestmark = pytest.mark.integration
 

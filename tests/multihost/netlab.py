@@ -26,16 +26,13 @@ import os
 import random
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from fednnunet.adapters.provisioning import s3_identities
+from tests.support.weed import WeedServer
 
 SUBNET_PREFIX = "10.231"
 
@@ -232,98 +229,19 @@ class TcpForwarder:
         self._thread.join(timeout=10)
 
 
-def free_port_block(addr: str, span: int = 5, offset: int = 10000) -> int:
-    """A base port p with p..p+span-1 and p+offset.. free (weed's http+grpc ports).
-
-    Checked on ``addr`` and on 127.0.0.1: ``weed mini`` also listens on loopback.
-    """
-    for _ in range(200):
-        base = random.randrange(20000, 29000, 10)
-        ports = [base + i for i in range(span)] + [base + offset + i for i in range(span)]
-        ok = True
-        for p in ports:
-            for host in (addr, "127.0.0.1"):
-                with socket.socket() as s:
-                    try:
-                        s.bind((host, p))
-                    except OSError:
-                        ok = False
-            if not ok:
-                break
-        if ok:
-            return base
-    raise RuntimeError("no free port block")
-
-
-class PrivateWeed:
+class PrivateWeed(WeedServer):
     """A SeaweedFS ``weed mini`` of this test only, bound to the central address.
 
     Admin keys for the coordinator plus one bucket-scoped identity per site
     (:func:`s3_identities`), as on a real central node. Telemetry off: nothing leaves.
+    Stopped after 3 s (its graceful shutdown takes ~12 s; the data is scratch).
     """
 
     def __init__(self, data_dir: Path, addr: str, admin: tuple[str, str], sites: list[str]):
-        self.dir, self.addr = Path(data_dir), addr
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port_block(addr)
-        self.identities = self.dir / "identities.json"
-        self.identities.write_text(json.dumps(s3_identities(admin[0], admin[1], sites)))
-        self.identities.chmod(0o600)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"{self.addr}:{self.port}"
-
-    def argv(self) -> list[str]:
-        weed = str(Path(sys.executable).parent / "weed")
-        if not os.access(weed, os.X_OK):
-            weed = shutil.which("weed") or weed
-        p, a = self.port, self.addr
-        return [
-            weed, "mini", f"-dir={self.dir / 'data'}", f"-ip={a}", f"-ip.bind={a}",
-            f"-s3.port={p}", f"-s3.port.grpc={p + 10000}",
-            f"-master.port={p + 1}", f"-master.port.grpc={p + 10001}",
-            f"-volume.port={p + 2}", f"-volume.port.grpc={p + 10002}",
-            f"-filer.port={p + 3}", f"-filer.port.grpc={p + 10003}",
-            f"-admin.port={p + 4}", f"-admin.port.grpc={p + 10004}",
-            f"-s3.config={self.identities}", "-admin.ui=false", "-webdav=false",
-            "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
-
-    def start(self, timeout_s: float = 60) -> None:
-        (self.dir / "data").mkdir(exist_ok=True)
-        log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, GOMEMLIMIT="512MiB"),
-            start_new_session=True,
+        super().__init__(
+            data_dir,
+            s3_identities(admin[0], admin[1], sites),
+            addr=addr,
+            memlimit="512MiB",
+            stop_grace_s=3,
         )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                urllib.request.urlopen(f"http://{self.endpoint}/", timeout=1)  # noqa: S310
-                return
-            except urllib.error.HTTPError:
-                return  # any HTTP status (403 for anonymous) means S3 is serving
-            except OSError:
-                time.sleep(0.2)
-        tail = (self.dir / "weed.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"private S3 did not come up on {self.endpoint}:\n{tail}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 3 s: its graceful shutdown takes ~12 s, data is scratch."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, 15)
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)
-            self.proc.wait(timeout=10)

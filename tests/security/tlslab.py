@@ -10,17 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
-import json
-import os
-import random
-import shutil
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.weed import WeedServer, admin_identities
 
 
 # ---------------------------------------------------------------- certificates
@@ -124,103 +118,30 @@ def _issue(ca_cert, ca_key, san, valid, cert_path: Path, key_path: Path) -> None
     key_path.chmod(0o600)
 
 
-def free_port_block(width: int = 5, offset: int = 10000) -> int:
-    """p with p..p+width-1 and p+offset.. free on 127.0.0.1 (weed's http + grpc ports)."""
-    for _ in range(200):
-        p = random.randrange(46000, 54000, 10)
-        try:
-            for port in [p + i for i in range(width)] + [p + offset + i for i in range(width)]:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no free port block")
-
-
 # ---------------------------------------------------------------- S3 over TLS
-class TlsWeed:
+class TlsWeed(WeedServer):
     """``weed mini`` with ``-s3.cert.file``/``-s3.key.file``: its S3 port speaks HTTPS only."""
 
     def __init__(self, folder: Path, pki: Pki, access_key: str, secret_key: str) -> None:
-        self.dir = folder
-        (folder / "data").mkdir(parents=True, exist_ok=True)
-        self.pki, self.port = pki, free_port_block()
-        self.identities = folder / "identities.json"
-        self.identities.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "admin",
-                            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
-                    ]
-                }
-            )
+        self.pki = pki
+        super().__init__(
+            folder,
+            admin_identities(access_key, secret_key),
+            extra_args=(f"-s3.cert.file={pki.cert}", f"-s3.key.file={pki.key}"),
         )
-        self.identities.chmod(0o600)
-        self.proc: subprocess.Popen | None = None
 
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def argv(self) -> list[str]:
-        weed = str(Path(sys.executable).parent / "weed")
-        if not os.access(weed, os.X_OK):
-            weed = shutil.which("weed") or weed
-        p = self.port
-        return [
-            weed, "mini", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={p}", f"-s3.port.grpc={p + 10000}",
-            f"-master.port={p + 1}", f"-master.port.grpc={p + 10001}",
-            f"-volume.port={p + 2}", f"-volume.port.grpc={p + 10002}",
-            f"-filer.port={p + 3}", f"-filer.port.grpc={p + 10003}",
-            f"-admin.port={p + 4}", f"-admin.port.grpc={p + 10004}",
-            f"-s3.config={self.identities}", "-admin.ui=false", "-webdav=false",
-            "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.cert.file={self.pki.cert}", f"-s3.key.file={self.pki.key}",
-        ]  # fmt: skip
-
-    def start(self, timeout_s: float = 60) -> None:
-        log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
-            self.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, GOMEMLIMIT="256MiB"),
-            start_new_session=True,
-        )
+    def answers(self) -> bool:
+        """A TLS handshake that verifies against our CA, then an HTTP answer."""
         ctx = ssl.create_default_context(cafile=str(self.pki.ca))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:  # a TLS handshake that verifies against our CA: S3 serves HTTPS
-                with (
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw,
-                    ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
-                ):
-                    tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                    if tls.recv(12).startswith(b"HTTP/"):
-                        return
-            except OSError:
-                time.sleep(0.2)
-        tail = (self.dir / "weed.log").read_text(errors="replace")[-2000:]
-        self.stop()
-        raise RuntimeError(f"TLS S3 server did not come up on {self.endpoint}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            with (
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw,
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+            ):
+                tls.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                return tls.recv(12).startswith(b"HTTP/")
+        except OSError:
+            return False
 
 
 # ---------------------------------------------------------------- AMQPS in front of 5672
