@@ -35,6 +35,7 @@ from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket
 from fednnunet.settings import Settings
 from fednnunet.site.standin import StandInSession
 from fednnunet.spec import ExperimentSpec, parse_spec
+from tests.support.redis_db import claim_empty_db
 from tests.support.weed import WeedServer, admin_identities
 
 CLAIM_KEY = "fednnunet-faults:claim"
@@ -75,14 +76,7 @@ def queue_consumers(vhost: str) -> dict[str, int]:
 
 def claim_redis_db(url: str, token: str) -> int:
     """An empty Redis database for this test alone (marked so nobody else claims it)."""
-    base = url.rsplit("/", 1)[0]
-    for db in REDIS_DBS:
-        r = redis.Redis.from_url(f"{base}/{db}")
-        if r.dbsize() == 0 and r.set(CLAIM_KEY, token, nx=True):
-            if r.dbsize() == 1:
-                return db
-            r.delete(CLAIM_KEY)
-    raise RuntimeError("no empty Redis database left for a fault test")
+    return claim_empty_db(url.rsplit("/", 1)[0], REDIS_DBS, token, CLAIM_KEY)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from fednnunet.core.state_machine import TERMINAL, ExperimentState
 from fednnunet.settings import Settings, get_settings
 from fednnunet.spec import parse_spec
 from tests.multihost.netlab import NetLab, PrivateWeed, TcpForwarder, unavailable_reason
+from tests.support.redis_db import claim_empty_db
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +46,7 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 def _claim_redis_db(token: str) -> int:
-    for db in REDIS_DBS:
-        r = redis.Redis(host="127.0.0.1", port=6379, db=db)
-        if r.dbsize() == 0 and r.set(REDIS_CLAIM_KEY, token, nx=True):
-            if r.dbsize() == 1:
-                return db
-            r.delete(REDIS_CLAIM_KEY)
-    raise RuntimeError("no empty Redis database (1-7) left for the multi-host test")
+    return claim_empty_db("redis://127.0.0.1:6379", REDIS_DBS, token, REDIS_CLAIM_KEY)
 
 
 @dataclass
