@@ -24,6 +24,7 @@ PHASE_PLAN = "plan"
 PHASE_TRAIN = "train"
 PHASE_VALIDATE = "validate"
 PHASE_JOURNAL = "journal"
+PHASE_HISTORY = "history"  # one RoundRecord per closed round, written once
 PHASE_FINAL = "final"
 
 

@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     da_processes: int = Field(default=-1, description="nnUNet_n_proc_DA; -1 keeps nnU-Net's")
     # Coordinator: render the per-round progress picture into S3 (FEDNNUNET_PLOTS=false: off).
     plots: bool = True
+    # ... at most every this many seconds (and once at the end of the experiment).
+    plot_every_s: float = Field(default=30.0, ge=0)
     # A local-only nnU-Net run of this site (fold folder or its validation/summary.json):
     # its Dice is reported beside the federated one for comparison.
     local_baseline: str | None = None

@@ -27,6 +27,7 @@ from fednnunet.settings import Settings
 from fednnunet.spec import parse_spec
 
 log = logging.getLogger(__name__)
+REPORT_THREADS = 4
 
 
 class TaskSender:
@@ -60,6 +61,7 @@ def build_coordinator(
         ArtifactStore(settings, cache_dir=cache),
         TaskSender(app, settings),
         render_plots=settings.plots,
+        plot_every_s=settings.plot_every_s,
     )
 
     @app.task(name=REPORT_TASK, acks_late=True, ignore_result=True)
@@ -99,8 +101,12 @@ def run_coordinator(settings: Settings, tick_s: float = 2.0, loglevel: str = "IN
     app.worker_main(
         [
             "worker",
+            # Threads: the reports of a round arrive together, and each is downloaded and
+            # verified outside the experiment lock, so they download concurrently.
             "--pool",
-            "solo",
+            "threads",
+            "--concurrency",
+            str(REPORT_THREADS),
             "--queues",
             "coordinator",
             "--hostname",

@@ -84,14 +84,18 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
         return state["svc"]
 
     def start_heartbeats(**_: object) -> None:
-        # Idle beats from the start: a task lost before its first heartbeat is re-sent.
-        get_service()
         if settings.session == "nnunet":
             # A site worker is a long-lived service: pay nnU-Net's import time (torch,
-            # SimpleITK, nnunetv2: seconds of CPU) at start-up, not in the first phase.
+            # SimpleITK, nnunetv2: ~5 CPU-s) at start-up, not in the first phase. Before
+            # the first idle beat, so "ready" (to a watcher of beats) means warm.
             import fednnunet.nnunet.fingerprint
             import fednnunet.nnunet.planning
             import fednnunet.nnunet.session  # noqa: F401
+            from fednnunet.nnunet.inline_pool import import_nnunet
+
+            import_nnunet()
+        # Idle beats from the start: a task lost before its first heartbeat is re-sent.
+        get_service()
 
     worker_ready.connect(start_heartbeats, weak=False)
 

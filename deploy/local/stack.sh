@@ -103,7 +103,7 @@ start_weed() {
   GOMEMLIMIT="${FEDNNUNET_WEED_MEMLIMIT:-512MiB}" "$weed" mini \
     -dir="$STACK_DIR/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
     -s3.config="$IDENT" -admin.ui=false -webdav=false \
-    -master.volumeSizeLimitMB=64 -volume.max="${FEDNNUNET_WEED_MAX_VOLUMES:-4000}" \
+    -master.volumeSizeLimitMB=256 -volume.max="${FEDNNUNET_WEED_MAX_VOLUMES:-4000}" \
     -s3.port.iceberg=0 -s3.port.lance=0 >>"$LOG_FILE" 2>&1 </dev/null 9>&- &
   echo $! >"$PID_FILE"
   set +m

@@ -83,6 +83,7 @@ class RedisState:
             self._k(experiment, "lock"),
             timeout=timeout_s,
             blocking_timeout=wait_s,
+            sleep=0.01,  # reports arrive together: a waiter must not nap 0.1 s (the default)
             thread_local=False,
         )
         if not lock.acquire():

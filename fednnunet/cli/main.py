@@ -246,7 +246,11 @@ def experiment_plot(
     redis_url: str = RedisOpt,
     s3_endpoint: str = S3Opt,
 ) -> None:
-    """Fetch the latest per-round progress picture (loss, pseudo-Dice) from S3."""
+    """Write the per-round progress picture (loss, pseudo-Dice) of an experiment.
+
+    The coordinator stores one in S3 at most every FEDNNUNET_PLOT_EVERY_S; when
+    Redis knows of a newer round, the picture is drawn here from that state.
+    """
     from fednnunet.adapters.s3_store import ArtifactStore
     from fednnunet.keys import global_bucket
 
@@ -256,14 +260,21 @@ def experiment_plot(
     keys = sorted(
         k for k in store.list_keys(bucket, f"{experiment_id}/plots/") if k.endswith(".png")
     )
-    if keys:
+    state = None
+    try:
+        _, state = _load_state(settings, experiment_id)
+    except FedError:
+        if not keys:
+            raise
+    latest_round = state.history[-1].round if state is not None and state.history else 0
+    stored_round = int(keys[-1].split("/")[2][1:]) if keys else 0
+    if keys and stored_round >= latest_round:
         ref = store.stat(bucket, keys[-1])
         output.write_bytes(store.get_bytes(ref))
     else:
         from fednnunet.coordinator.plots import render_png
 
-        _, state = _load_state(settings, experiment_id)
-        if not state.history:
+        if state is None or not state.history:
             raise FedError(f"experiment {experiment_id} has no completed round yet")
         output.write_bytes(render_png(state))
     console.print(f"wrote {output}")

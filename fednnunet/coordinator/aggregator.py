@@ -7,14 +7,20 @@ model plus one update, whatever the number of sites.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from fednnunet.adapters.s3_store import ArtifactStore
-from fednnunet.adapters.weights_codec import load_weights_file, read_file_header, save_weights_file
+from fednnunet.adapters.weights_codec import (
+    encode_weights,
+    load_weights_file,
+    read_file_header,
+    save_weights_file,
+)
 from fednnunet.core.aggregation import StreamingFedAvg, common_layers
 from fednnunet.core.tensors import join_aliases
 from fednnunet.core.update_checks import l2_norm, update_problems
@@ -41,17 +47,14 @@ def screen_update_file(
     return update_problems(tensors, expected_shapes=expected_shapes, reference_norm=reference_norm)
 
 
-def aggregate_files(
-    paths: Sequence[Path],
-    weights: Sequence[float],
-    out_path: Path,
-    metadata: Mapping[str, str] | None = None,
-) -> list[str]:
-    """Weighted FedAvg of safetensors update files into ``out_path``; returns the layers averaged.
+def average_files(
+    paths: Sequence[Path], weights: Sequence[float]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Weighted FedAvg of safetensors update files: (full state with aliases, layers averaged).
 
     Only the headers are read up front; updates are then loaded one at a time,
     so peak memory is the accumulator plus one update whatever ``len(paths)``.
-    The alias map of the first update that has one is written with the result,
+    The alias map of the first update that has one is applied to the result,
     so sites can rebuild nnU-Net's full key set.
     """
     if not paths or len(paths) != len(weights):
@@ -74,6 +77,17 @@ def aggregate_files(
         del update
     result = acc.result(dtypes)
     full = join_aliases(result, {a: c for a, c in aliases_of_first.items() if c in result})
+    return full, names
+
+
+def aggregate_files(
+    paths: Sequence[Path],
+    weights: Sequence[float],
+    out_path: Path,
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """:func:`average_files` written to ``out_path``; returns the layers averaged."""
+    full, names = average_files(paths, weights)
     save_weights_file(full, out_path, metadata=metadata)
     return names
 
@@ -123,15 +137,14 @@ def aggregate_round(
             None, [r.site_id for r, _ in accepted], quarantined, seconds=time.perf_counter() - t0
         )
 
-    with tempfile.TemporaryDirectory(prefix="fednnunet-agg-") as tmp:
-        out = Path(tmp) / "weights.safetensors"
-        names = aggregate_files(
-            [path for _, path in accepted],
-            [float(r.num_cases) for r, _ in accepted],
-            out,
-            metadata={"participants": ",".join(r.site_id for r, _ in accepted)},
-        )
-        ref = store.put_file(target_bucket, target_key, out, kind="global_weights")
+    full, names = average_files(
+        [path for _, path in accepted], [float(r.num_cases) for r, _ in accepted]
+    )
+    # Serialized in memory and uploaded from there (one hash pass, no temporary file);
+    # the store keeps a verified copy, so next round's screening downloads nothing.
+    data = encode_weights(full, {"participants": ",".join(r.site_id for r, _ in accepted)})
+    del full
+    ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights", cache=True)
     return AggregationResult(
         ref,
         [r.site_id for r, _ in accepted],

@@ -12,6 +12,8 @@ Redis loses it.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from fednnunet.errors import FedError, IntegrityError
 from fednnunet.keys import (
     GLOBAL_SITE,
     PHASE_FINGERPRINT,
+    PHASE_HISTORY,
     PHASE_JOURNAL,
     PHASE_TRAIN,
     artifact_key,
@@ -36,6 +39,9 @@ from fednnunet.settings import Settings
 from fednnunet.spec import ExperimentSpec
 
 log = logging.getLogger(__name__)
+
+
+_HISTORY_LEN = "journal_history_rounds"  # in a snapshot: how many round records it counts
 
 
 def plot_key(experiment_id: str, round_: int) -> str:
@@ -54,6 +60,7 @@ class Coordinator:
         send_task: SendTask,
         clock: Callable[[], float] = time.time,
         render_plots: bool = True,
+        plot_every_s: float = 0.0,
     ) -> None:
         self.settings = settings
         self.redis = state
@@ -61,9 +68,16 @@ class Coordinator:
         self.send_task = send_task
         self.clock = clock
         self.global_bucket = global_bucket(settings.bucket_prefix)
-        # Pictures are drawn off the critical path: the next round is already dispatched.
-        self._plots = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-plot")
+        # Pictures are drawn off the critical path (the next round is already dispatched),
+        # by a low-priority thread, at most every plot_every_s and once at the end: a
+        # matplotlib render costs CPU that the sites' uploads and downloads need.
+        self._plots = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fednnunet-plot", initializer=_lower_priority
+        )
         self.render_plots = render_plots
+        self.plot_every_s = plot_every_s
+        self._last_plot: dict[str, tuple[tuple[int, bool], float]] = {}
+        self._history_journaled: dict[str, int] = {}  # experiment -> rounds written to S3
 
     # ------------------------------------------------------------ entry points
     def start(self, spec: ExperimentSpec) -> sm.ExperimentState:
@@ -161,8 +175,8 @@ class Coordinator:
                 self._perform(state, action, now)
             changed = state.seq != seq_before
             self._save(state, journal=changed)
-            if changed and self.render_plots and state.history:
-                self._plots.submit(self._store_plot, state.model_copy(deep=True))
+            if changed:
+                self._maybe_plot(state, now)
             if not changed:
                 break
         return state
@@ -314,6 +328,17 @@ class Coordinator:
         key = artifact_key(state.experiment_id, "final", 0, GLOBAL_SITE, "summary.json")
         self._put_once_json(key, summary, kind="final_summary")
 
+    def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
+        if not self.render_plots or not state.history:
+            return
+        terminal = state.phase in sm.TERMINAL
+        what = (len(state.history), terminal)
+        last_what, last_at = self._last_plot.get(state.experiment_id, ((0, False), -1e18))
+        if what == last_what or (not terminal and now - last_at < self.plot_every_s):
+            return
+        self._last_plot[state.experiment_id] = (what, now)
+        self._plots.submit(self._store_plot, state.model_copy(deep=True))
+
     def _store_plot(self, state: sm.ExperimentState) -> None:
         try:
             from fednnunet.coordinator.plots import render_png
@@ -348,14 +373,24 @@ class Coordinator:
             self._journal(state)
 
     def _journal(self, state: sm.ExperimentState) -> None:
+        """Snapshot the state to S3, the history as one object per closed round.
+
+        A snapshot without the history stays a few KB however long the experiment runs
+        (with it, 1000 rounds would mean ~1 MB per snapshot and GBs of journal); the
+        round records are immutable, so each is written once, before the snapshot that
+        counts it.
+        """
+        exp = state.experiment_id
+        for record in state.history[self._history_journaled.get(exp, 0) :]:
+            key = artifact_key(exp, PHASE_HISTORY, record.round, GLOBAL_SITE, "round.json")
+            self._put_once_json(key, record.model_dump(mode="json"), kind="journal")
+        self._history_journaled[exp] = len(state.history)
+        snapshot = state.model_dump(mode="json", exclude={"history"})
+        snapshot[_HISTORY_LEN] = len(state.history)
         key = artifact_key(
-            state.experiment_id,
-            PHASE_JOURNAL,
-            state.round,
-            GLOBAL_SITE,
-            f"{state.seq:06d}-{state.phase}.json",
+            exp, PHASE_JOURNAL, state.round, GLOBAL_SITE, f"{state.seq:06d}-{state.phase}.json"
         )
-        self._put_once_json(key, state.model_dump(mode="json"), kind="journal")
+        self._put_once_json(key, snapshot, kind="journal")
 
     def _latest_journal(self, experiment_id: str) -> sm.ExperimentState | None:
         keys = self.store.list_keys(self.global_bucket, f"{experiment_id}/{PHASE_JOURNAL}/")
@@ -363,7 +398,29 @@ class Coordinator:
             return None
         latest = max(keys, key=lambda k: k.rsplit("/", 1)[-1])
         ref = self.store.stat(self.global_bucket, latest)
-        return sm.ExperimentState.model_validate(self.store.get_json(ref)) if ref else None
+        if ref is None:
+            return None
+        snapshot = self.store.get_json(ref)
+        history_len = snapshot.pop(_HISTORY_LEN, None)
+        state = sm.ExperimentState.model_validate(snapshot)
+        if history_len:  # else: an older snapshot that still embeds its history
+            state.history = self._journaled_history(experiment_id)[:history_len]
+            if len(state.history) != history_len:
+                raise FedError(
+                    f"journal of {experiment_id} counts {history_len} rounds but S3 holds "
+                    f"{len(state.history)} round records"
+                )
+        self._history_journaled[experiment_id] = len(state.history)
+        return state
+
+    def _journaled_history(self, experiment_id: str) -> list[sm.RoundRecord]:
+        keys = self.store.list_keys(self.global_bucket, f"{experiment_id}/{PHASE_HISTORY}/")
+        records = []
+        for key in sorted(keys):  # r00001 < r00002 < ...
+            ref = self.store.stat(self.global_bucket, key)
+            if ref is not None:
+                records.append(sm.RoundRecord.model_validate(self.store.get_json(ref)))
+        return records
 
     def recover_from_journal(self) -> list[str]:
         """After Redis lost everything: restore every unfinished experiment from S3."""
@@ -388,6 +445,14 @@ class Coordinator:
                     state.round,
                 )
         return restored
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread only (Linux threads have their own priority)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: render at normal priority
+        pass
 
 
 def _redispatch_unfinished(state: sm.ExperimentState) -> None:

@@ -30,10 +30,7 @@ from fednnunet.core.fingerprint_merge import (
 )
 from fednnunet.errors import DatasetError
 from fednnunet.nnunet.env import temporary_env
-
-# Below this many cases a process pool costs more than it saves: each spawned worker
-# imports nnunetv2 (and with it torch), about 2 s on a small machine.
-_POOL_MIN_CASES = 16
+from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
 
 
 def nnunet_env(raw_root: Path | None, preprocessed_root: Path | None):
@@ -87,13 +84,15 @@ def summarize_dataset(
     name = maybe_convert_to_dataset_name(dataset_id)
     folder = Path(os.fspath(nnUNet_raw)) / name
     ds_json = check_raw_dataset(folder)
-    dataset = get_filenames_of_train_images_and_targets(str(folder), ds_json)
+    inline = num_processes <= 1 or int(ds_json["numTraining"]) < POOL_MIN_CASES
+    with inline_pools(inline):
+        dataset = get_filenames_of_train_images_and_targets(str(folder), ds_json)
     if not dataset:
         raise DatasetError(f"{name}: no training cases found in {folder}")
     keys = list(dataset)
     rw_class = determine_reader_writer_from_dataset_json(ds_json, dataset[keys[0]]["images"][0])
     args = [(dataset[k]["images"], dataset[k]["label"], rw_class, dict(sketch)) for k in keys]
-    if num_processes > 1 and len(keys) >= _POOL_MIN_CASES:
+    if num_processes > 1 and len(keys) >= POOL_MIN_CASES:
         with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
             cases = pool.starmap(summarize_case, args)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.errors import DatasetError
+from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
 from fednnunet.settings import require_nnunet_paths
 
 # Plans fields that differ between sites planned from the same fingerprint. Measured on
@@ -114,6 +115,7 @@ def plan_and_preprocess(
     plans_identifier: str = "nnUNetPlans",
     num_processes: int = 2,
     verify_dataset_integrity: bool = True,
+    inline: bool | None = None,
 ) -> dict[str, Any]:
     """Plan and preprocess one local dataset with nnU-Net; return the plans dict.
 
@@ -121,21 +123,57 @@ def plan_and_preprocess(
     Otherwise (AsymFedAvg) the site's own fingerprint is extracted. Idempotent: the plans
     file is regenerated from scratch (nnU-Net would otherwise keep stale configurations),
     and preprocessing is skipped when a completed run with identical plans is recorded.
+
+    ``inline`` (default: below :data:`POOL_MIN_CASES` cases or one process) runs
+    nnU-Net's per-case pools in this process instead of spawning workers.
     """
+    if not configurations:
+        raise DatasetError("no nnU-Net configuration requested for preprocessing")
+    paths = require_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed")
+    name = _dataset_name(dataset_id)
+    raw_folder = paths["nnUNet_raw"] / name
+    if inline is None:
+        inline = num_processes <= 1 or _num_training_cases(raw_folder) < POOL_MIN_CASES
+    with inline_pools(inline):
+        return _plan_and_preprocess(
+            dataset_id,
+            name,
+            raw_folder,
+            paths["nnUNet_preprocessed"] / name,
+            configurations,
+            fingerprint,
+            plans_identifier,
+            num_processes,
+            verify_dataset_integrity,
+        )
+
+
+def _num_training_cases(raw_folder: Path) -> int:
+    try:
+        return int(json.loads((raw_folder / "dataset.json").read_text())["numTraining"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # _verify words the problem
+
+
+def _plan_and_preprocess(
+    dataset_id: int,
+    name: str,
+    raw_folder: Path,
+    pp_folder: Path,
+    configurations: Sequence[str],
+    fingerprint: dict[str, Any] | None,
+    plans_identifier: str,
+    num_processes: int,
+    verify_dataset_integrity: bool,
+) -> dict[str, Any]:
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprint_dataset,
         plan_experiment_dataset,
         preprocess_dataset,
     )
 
-    if not configurations:
-        raise DatasetError("no nnU-Net configuration requested for preprocessing")
-    paths = require_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed")
-    name = _dataset_name(dataset_id)
-    raw_folder = paths["nnUNet_raw"] / name
     if verify_dataset_integrity:
         _verify(raw_folder, num_processes)
-    pp_folder = paths["nnUNet_preprocessed"] / name
     pp_folder.mkdir(parents=True, exist_ok=True)
     try:
         if fingerprint is not None:

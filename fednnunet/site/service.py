@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -222,8 +223,17 @@ class SiteService:
     def train_round(self, task: SiteTask) -> SiteReport:
         update_key = self._key(task, PHASE_TRAIN, "update.safetensors")
         existing = self.store.stat(self.bucket, update_key)
-        meta = self._existing_meta(task, PHASE_TRAIN) if existing else None
-        if existing is not None and meta is not None:
+        if existing is not None:
+            # The uploaded update is the round's result at this site, even if the local
+            # checkpoint (written concurrently) did not finish: report it, never retrain.
+            meta = self._existing_meta(task, PHASE_TRAIN)
+            if meta is None:
+                session = self._session(task)
+                meta = {
+                    "num_cases": session.num_training_cases(),
+                    "metrics": self._read_local_metrics(session, task.round),
+                }
+                self._save_meta(task, PHASE_TRAIN, meta)
             return self._report(
                 task, artifact=existing, num_cases=meta["num_cases"], metrics=meta["metrics"]
             )
@@ -233,21 +243,38 @@ class SiteService:
         opts = task.options
         if task.plans_sha256 is not None:
             self._check_plans(task, session)
+        pending_checkpoint = None
         if session.last_completed_round() < task.round:
+            t_pull = time.perf_counter()
             loaded = self._load_global(task, session)
             t_train = time.perf_counter()
             metrics = session.train_epochs(opts.local_epochs, on_iteration=self._on_iteration)
             # Local training time alone: the federation's overhead is the rest of the round.
             metrics["train_s"] = time.perf_counter() - t_train
+            metrics["pull_s"] = t_train - t_pull
             metrics["layers_loaded"] = float(loaded)
-            session.save_round_checkpoint(task.round)
             self._write_local_metrics(session, task.round, metrics)
+            pending_checkpoint = session
         else:
             metrics = self._read_local_metrics(session, task.round)
-        data = encode_weights(session.state_dict())
-        ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+        t_push = time.perf_counter()
+        data = encode_weights(session.state_dict())  # a snapshot: the checkpoint may run now
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
+            # The resume checkpoint is written while the update uploads (it is off the
+            # round's critical path); the report waits for both.
+            saved = (
+                pool.submit(pending_checkpoint.save_round_checkpoint, task.round)
+                if pending_checkpoint is not None
+                else None
+            )
+            ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+            if saved is not None:
+                saved.result()
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
         self._save_meta(task, PHASE_TRAIN, meta)
+        # Timing of this delivery only: not in the stored meta, which must not change
+        # when a redelivered task writes it again.
+        metrics = {**metrics, "push_s": time.perf_counter() - t_push}
         if self.progress is not None:
             self.progress.progress(bytes_sent=len(data), metrics=metrics)
         return self._report(task, artifact=ref, num_cases=meta["num_cases"], metrics=metrics)
