@@ -69,6 +69,13 @@ def default_egress_log(settings: Settings) -> Path:
     return Path(base) / f"fednnunet_egress_{settings.site_id}.jsonl"
 
 
+def default_cache_dir(settings: Settings) -> Path:
+    """Verified copies of the global weights this site loaded (one per experiment), so a
+    restarted or redelivered task never downloads them again."""
+    base = os.environ.get("nnUNet_results") or str(Path.home() / ".cache")
+    return Path(base) / ".fednnunet_cache" / str(settings.site_id)
+
+
 def build_site_app(settings: Settings, service: SiteService | None = None) -> Celery:
     """The Celery app of one site; ``service`` may be injected (tests, benchmarks)."""
     app = make_celery(settings, "site", settings.site_id)
@@ -78,7 +85,11 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
         if "svc" not in state:
             state["svc"] = service or SiteService(
                 settings,
-                ArtifactStore(settings, egress_log=str(default_egress_log(settings))),
+                ArtifactStore(
+                    settings,
+                    egress_log=str(default_egress_log(settings)),
+                    cache_dir=default_cache_dir(settings),
+                ),
                 progress=ProgressPublisher(settings, settings.site_id or "?"),
             )
         return state["svc"]

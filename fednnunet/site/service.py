@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
-from fednnunet.adapters.weights_codec import decode_weights, encode_weights
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights, load_weights_file
 from fednnunet.errors import DatasetError, FedError
 from fednnunet.keys import (
     GLOBAL_SITE,
@@ -28,7 +28,7 @@ from fednnunet.keys import (
     global_bucket,
     site_bucket,
 )
-from fednnunet.messages import SiteReport, SiteTask
+from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
 from fednnunet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,11 +214,34 @@ class SiteService:
         return self.store.stat(self.global_bucket, key) is not None
 
     def _load_global(self, task: SiteTask, session: Any) -> int:
-        if task.global_weights is None:
+        ref = task.global_weights
+        if ref is None:
             return 0
-        tensors = decode_weights(self.store.get_bytes(task.global_weights))
+        if self.store.cache_dir is None:
+            tensors = decode_weights(self.store.get_bytes(ref))
+        else:
+            # Verified once, kept by sha256: a redelivered task or a restarted worker
+            # loads it from disk. One global per experiment is kept.
+            tensors = load_weights_file(self.store.get_file(ref), expand_aliases=True)
+            self._remember_cached_global(task.experiment_id, ref)
         loaded = session.load_global(tensors)
         return len(loaded)
+
+    def _remember_cached_global(self, experiment_id: str, ref: ArtifactRef | None) -> None:
+        """Keep one cached global per experiment; the record survives a worker restart."""
+        if self.store.cache_dir is None:
+            return
+        marker = self.store.cache_dir / f".global-{sha256_bytes(experiment_id.encode())[:16]}"
+        try:
+            previous = ArtifactRef.model_validate_json(marker.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and (ref is None or previous.sha256 != ref.sha256):
+            self.store.evict(previous)
+        if ref is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_text(ref.model_dump_json())
 
     def train_round(self, task: SiteTask) -> SiteReport:
         update_key = self._key(task, PHASE_TRAIN, "update.safetensors")
@@ -329,6 +352,7 @@ class SiteService:
         self._save_meta(task, PHASE_VALIDATE, meta)
         session.close()
         self._sessions.pop(task.experiment_id, None)
+        self._remember_cached_global(task.experiment_id, None)
         return self._report(task, metrics=metrics, num_cases=meta["num_cases"])
 
 

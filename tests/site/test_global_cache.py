@@ -1,0 +1,77 @@
+"""A site never downloads the same global weights twice (real S3, stand-in session)."""
+
+from __future__ import annotations
+
+import shutil
+from functools import partial
+
+import pytest
+
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.weights_codec import encode_weights
+from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket, site_bucket
+from fednnunet.messages import SiteTask, TrainingOptions
+from fednnunet.site.service import SiteService
+from fednnunet.site.standin import StandInSession, build_state
+
+pytestmark = pytest.mark.integration
+
+
+def _service(settings, store, workdir) -> SiteService:
+    factory = partial(StandInSession, model="tiny", workdir=workdir)
+    return SiteService(settings, store, session_factory=factory)
+
+
+def test_restarted_site_retrains_from_its_cached_global_without_downloading(
+    stack, unique_id, tmp_path
+):
+    site = unique_id("gc")
+    settings = stack.model_copy(
+        update={"site_id": site, "dataset_id": 7, "session": "standin", "standin_model": "tiny"}
+    )
+    store = ArtifactStore(settings, cache_dir=tmp_path / "cache")
+    exp = unique_id("exp-gc-")
+    gbucket, sbucket = (
+        global_bucket(settings.bucket_prefix),
+        site_bucket(settings.bucket_prefix, site),
+    )
+    store.ensure_bucket(gbucket)
+    store.ensure_bucket(sbucket)
+    global_key = artifact_key(exp, PHASE_TRAIN, 1, GLOBAL_SITE, "weights.safetensors")
+    ref = store.put_bytes(gbucket, global_key, encode_weights(build_state("tiny", 99)))
+    task = SiteTask(
+        experiment_id=exp,
+        site_id=site,
+        phase="train",
+        round=2,
+        options=TrainingOptions(configuration="2d", fold=0, rounds=3, device="cpu"),
+        global_weights=ref,
+    )
+
+    first = _service(settings, store, tmp_path / "w1").handle(task)
+    assert first.ok, first.error
+    assert first.metrics["layers_loaded"] == 4.0
+    assert (tmp_path / "cache" / ref.sha256).is_file()
+
+    # The worker died before its upload and before its checkpoint; the global is
+    # gone from S3 too: the restarted worker must retrain from its verified copy.
+    for key in store.list_keys(sbucket, f"{exp}/"):
+        store.client.remove_object(sbucket, key)
+    store.client.remove_object(gbucket, global_key)
+    shutil.rmtree(tmp_path / "w1")
+    again = _service(settings, store, tmp_path / "w1").handle(task)
+    assert again.ok, again.error
+    assert again.metrics["layers_loaded"] == 4.0
+    assert again.artifact is not None and again.artifact.sha256 == first.artifact.sha256
+
+    # The next round's global replaces it in the cache (one per experiment).
+    key3 = artifact_key(exp, PHASE_TRAIN, 2, GLOBAL_SITE, "weights.safetensors")
+    ref3 = store.put_bytes(gbucket, key3, encode_weights(build_state("tiny", 98)))
+    svc = _service(settings, store, tmp_path / "w1")
+    assert svc.handle(task.model_copy(update={"round": 3, "global_weights": ref3})).ok
+    assert (tmp_path / "cache" / ref3.sha256).is_file()
+    assert not (tmp_path / "cache" / ref.sha256).exists()
+    for key in store.list_keys(sbucket, ""):
+        store.client.remove_object(sbucket, key)
+    store.client.remove_bucket(sbucket)
+    store.client.remove_object(gbucket, key3)
