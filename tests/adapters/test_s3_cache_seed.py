@@ -1,4 +1,4 @@
-"""put_file keeps its upload in the sha256 cache: the coordinator never re-downloads its global."""
+"""Uploads kept in the sha256 cache: the coordinator never re-downloads its global."""
 
 from __future__ import annotations
 
@@ -21,3 +21,15 @@ def test_uploaded_file_is_served_from_cache(stack, unique_id, tmp_path):
     path = store.get_file(ref)
     assert path == tmp_path / "cache" / ref.sha256
     assert path.read_bytes() == b"weights" * 1000
+
+
+def test_uploaded_bytes_with_cache_are_served_from_cache(stack, unique_id, tmp_path):
+    """The coordinator uploads each global from memory and reads it back next round."""
+    store = ArtifactStore(stack, cache_dir=tmp_path / "cache")
+    store.ensure_bucket("fedtest-store")
+    data = b"global" * 1000
+    ref = store.put_bytes("fedtest-store", f"{unique_id('k')}/g.bin", data, cache=True)
+    plain = store.put_bytes("fedtest-store", f"{unique_id('k')}/p.bin", b"not cached")
+    assert not (tmp_path / "cache" / plain.sha256).exists()
+    store.client = None  # any S3 request now fails: the read must come from the cache
+    assert store.get_file(ref).read_bytes() == data
