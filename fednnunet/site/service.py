@@ -266,8 +266,8 @@ class SiteService:
         opts = task.options
         if task.plans_sha256 is not None:
             self._check_plans(task, session)
-        pending_checkpoint = None
-        if session.last_completed_round() < task.round:
+        trained = session.last_completed_round() < task.round
+        if trained:
             t_pull = time.perf_counter()
             loaded = self._load_global(task, session)
             t_train = time.perf_counter()
@@ -277,22 +277,19 @@ class SiteService:
             metrics["pull_s"] = t_train - t_pull
             metrics["layers_loaded"] = float(loaded)
             self._write_local_metrics(session, task.round, metrics)
-            pending_checkpoint = session
         else:
             metrics = self._read_local_metrics(session, task.round)
         t_push = time.perf_counter()
         data = encode_weights(session.state_dict())  # a snapshot: the checkpoint may run now
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
+        if trained:
             # The resume checkpoint is written while the update uploads (it is off the
             # round's critical path); the report waits for both.
-            saved = (
-                pool.submit(pending_checkpoint.save_round_checkpoint, task.round)
-                if pending_checkpoint is not None
-                else None
-            )
-            ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
-            if saved is not None:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
+                saved = pool.submit(session.save_round_checkpoint, task.round)
+                ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
                 saved.result()
+        else:
+            ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
         self._save_meta(task, PHASE_TRAIN, meta)
         # Timing of this delivery only: not in the stored meta, which must not change
