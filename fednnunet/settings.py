@@ -21,6 +21,8 @@ class Settings(BaseSettings):
 
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of every Redis key: two deployments (or test runs) can share one Redis.
+    redis_namespace: str = Field(default="fednnunet", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "fednnunet"
     s3_secret_key: str = "fednnunet-secret"

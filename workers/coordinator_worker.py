@@ -57,7 +57,7 @@ def build_coordinator(
     cache = cache_dir or Path.home() / ".cache" / "fednnunet" / "coordinator"
     coordinator = Coordinator(
         settings,
-        RedisState(settings.redis_url),
+        RedisState.from_settings(settings),
         ArtifactStore(settings, cache_dir=cache),
         TaskSender(app, settings),
         render_plots=settings.plots,

@@ -25,6 +25,7 @@ from fednnunet.core.state_machine import ExperimentState
 from fednnunet.errors import ServiceUnreachable
 from fednnunet.keys import IDLE_EXPERIMENT
 from fednnunet.messages import ProgressEvent
+from fednnunet.settings import Settings
 
 
 class RedisState:
@@ -38,6 +39,10 @@ class RedisState:
             health_check_interval=30,
             decode_responses=True,
         )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisState:
+        return cls(settings.redis_url, namespace=settings.redis_namespace)
 
     def ping(self) -> None:
         try:

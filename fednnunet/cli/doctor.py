@@ -29,7 +29,7 @@ def run_checks(settings: Settings, console: Console) -> bool:
         return "reachable"
 
     def redis() -> str:
-        RedisState(settings.redis_url).ping()
+        RedisState.from_settings(settings).ping()
         return "reachable"
 
     def s3() -> str:

@@ -103,7 +103,7 @@ def coordinator(
 
     settings = _settings(broker_url, redis_url, s3_endpoint)
     check_broker(settings)
-    RedisState(settings.redis_url).ping()
+    RedisState.from_settings(settings).ping()
     ArtifactStore(settings, retry_total_s=5).ping()
     run_coordinator(settings, tick_s=tick, loglevel=loglevel)
 
@@ -152,7 +152,7 @@ def experiment_start(
 def _load_state(settings: Settings, experiment_id: str):
     from fednnunet.adapters.redis_state import RedisState
 
-    redis = RedisState(settings.redis_url)
+    redis = RedisState.from_settings(settings)
     redis.ping()
     state = redis.load(experiment_id)
     if state is None:
@@ -285,7 +285,7 @@ def experiment_plot(
 def experiment_list(redis_url: str = RedisOpt) -> None:
     from fednnunet.adapters.redis_state import RedisState
 
-    redis = RedisState(_settings(None, redis_url).redis_url)
+    redis = RedisState.from_settings(_settings(None, redis_url))
     redis.ping()
     for exp in redis.experiments():
         st = redis.load(exp)
@@ -426,7 +426,7 @@ def _run_simulation(
 
     require_nnunet_paths("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
     check_broker(settings)
-    RedisState(settings.redis_url).ping()
+    RedisState.from_settings(settings).ping()
     ArtifactStore(settings, retry_total_s=5).ping()
     t0 = time.perf_counter()
     with LocalFederation(sites, log_dir / spec.experiment_id) as fed:
@@ -448,7 +448,7 @@ def _run_simulation(
                 )
 
         state = wait_for(settings, spec.experiment_id, timeout, on_update=on_update)
-    redis = RedisState(settings.redis_url)
+    redis = RedisState.from_settings(settings)
     console.print(
         render(
             state, redis.progress(state.experiment_id), redis.bytes_moved(state.experiment_id), {}

@@ -35,7 +35,7 @@ def submit(settings: Settings, spec: ExperimentSpec) -> None:
 def wait_for(
     settings: Settings, experiment_id: str, timeout_s: float, on_update=None, poll_s: float = 1.0
 ) -> ExperimentState:
-    redis = RedisState(settings.redis_url)
+    redis = RedisState.from_settings(settings)
     deadline = time.monotonic() + timeout_s
     while True:
         state = redis.load(experiment_id)
@@ -157,7 +157,7 @@ class LocalFederation:
         Needs the coordinator (it records the beats). Benchmarks use it so that worker
         start-up (imports) is not counted as federation time.
         """
-        redis = RedisState(get_settings(**_settings_env(self.env)).redis_url)
+        redis = RedisState.from_settings(get_settings(**_settings_env(self.env)))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
@@ -176,5 +176,9 @@ class LocalFederation:
 
 def _settings_env(env: Mapping[str, str]) -> dict[str, str]:
     """The broker and Redis URLs the children will use (they read FEDNNUNET_* from env)."""
-    names = {"FEDNNUNET_BROKER_URL": "broker_url", "FEDNNUNET_REDIS_URL": "redis_url"}
+    names = {
+        "FEDNNUNET_BROKER_URL": "broker_url",
+        "FEDNNUNET_REDIS_URL": "redis_url",
+        "FEDNNUNET_REDIS_NAMESPACE": "redis_namespace",
+    }
     return {field: env[var] for var, field in names.items() if env.get(var)}

@@ -92,7 +92,7 @@ class Isolated:
 
     @property
     def redis(self) -> RedisState:
-        return RedisState(self.settings.redis_url)
+        return RedisState.from_settings(self.settings)
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(self.settings, retry_total_s=30)

@@ -71,4 +71,4 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
         assert all(e["bucket"] == f"{stack.bucket_prefix}-site-{site}" for e in entries)
         assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in entries)
     # Redis holds the state under the experiment's namespace.
-    assert RedisState(stack.redis_url).load(spec.experiment_id).phase == "done"
+    assert RedisState.from_settings(stack).load(spec.experiment_id).phase == "done"

@@ -224,7 +224,7 @@ def test_site_link_cut_misses_rounds_then_rejoins(lab):
         }
     )
     hosts = {"coordinator": "coord", f"site-{a}": "a", f"site-{b}": "b"}
-    redis_state = RedisState(lab.operator.redis_url)
+    redis_state = RedisState.from_settings(lab.operator)
     events: dict[str, float] = {}
     t0 = time.monotonic()
     with NetnsFederation(lab, hosts, lab.tmp / "logs") as fed:
