@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Benchmarks run on the local development stack (well-known credentials).
+os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 

@@ -9,6 +9,9 @@ class FedError(Exception):
 
 class ServiceUnreachable(FedError):
     def __init__(self, service: str, url: str, detail: str = "") -> None:
+        from fednnunet.settings import redact_url
+
+        url = redact_url(url)  # never print a password
         self.service, self.url = service, url
         tail = f": {detail}" if detail else ""
         super().__init__(f"{service} unreachable at {url}{tail}")
@@ -32,3 +35,7 @@ class DatasetError(FedError):
 
 class UpdateRejected(FedError):
     """A site update that must not be aggregated (NaN/Inf, wrong shape, absurd norm...)."""
+
+
+class PolicyRefusal(FedError):
+    """A task the site will not run (outside its policy, or unsafe): never retried."""

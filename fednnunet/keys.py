@@ -14,6 +14,9 @@ SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 EXPERIMENT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 COORDINATOR_QUEUE = "coordinator"
+# Start/cancel requests: an exchange and queue that no site may write to.
+CONTROL_EXCHANGE = "fednnunet.control"
+CONTROL_QUEUE = "coordinator.control"
 PROGRESS_EXCHANGE = "fednnunet.progress"
 GLOBAL_SITE = "global"
 # Experiment id of the heartbeats a site worker sends while it has no task (reserved).
@@ -26,6 +29,26 @@ PHASE_VALIDATE = "validate"
 PHASE_JOURNAL = "journal"
 PHASE_HISTORY = "history"  # one RoundRecord per closed round, written once
 PHASE_FINAL = "final"
+
+
+# What each phase's report must point at (in the reporting site's own bucket).
+PHASE_ARTIFACT_NAMES = {
+    PHASE_FINGERPRINT: "fingerprint_summary.json",
+    PHASE_PLAN: "plans.json",
+    PHASE_TRAIN: "update.safetensors",
+}
+
+
+def site_user(site_id: str) -> str:
+    """The broker user (and S3 access key) of a site: the identity the coordinator trusts."""
+    return f"site-{site_id}"
+
+
+def site_of_user(user: str | None) -> str | None:
+    """Inverse of :func:`site_user` (None for any other user)."""
+    if user and user.startswith("site-") and SITE_ID_RE.match(user[5:]):
+        return user[5:]
+    return None
 
 
 def site_queue(site_id: str) -> str:
@@ -47,3 +70,22 @@ def artifact_key(experiment: str, phase: str, round_: int, site: str, name: str)
 
 def progress_routing_key(experiment: str, site: str, kind: str) -> str:
     return f"{experiment}.{site}.{kind}"
+
+
+def site_artifact_key(experiment: str, phase: str, round_: int, site: str) -> str | None:
+    """The one key a site's report for (phase, round) may reference (None: no artifact)."""
+    name = PHASE_ARTIFACT_NAMES.get(phase)
+    return None if name is None else artifact_key(experiment, phase, round_, site, name)
+
+
+def parse_progress_routing_key(routing_key: str) -> tuple[str, str, str] | None:
+    """(experiment, site, kind) of a progress routing key, or None if malformed."""
+    parts = routing_key.split(".")
+    if len(parts) != 3:
+        return None
+    experiment, site, kind = parts
+    if not SITE_ID_RE.match(site) or not (
+        experiment == IDLE_EXPERIMENT or EXPERIMENT_ID_RE.match(experiment)
+    ):
+        return None
+    return experiment, site, kind

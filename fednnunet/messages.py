@@ -5,46 +5,124 @@ Messages carry references to artifacts (bucket, key, sha256, size), never tensor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 Phase = Literal["fingerprint", "plan", "train", "validate"]
 
+# Bounds on what a site may send: anything larger is refused, not stored.
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+MAX_METRIC_VALUE = 1e15
+MAX_ERROR_CHARS = 500
+# Training cases one site may declare (the largest public segmentation sets have ~10^4).
+MAX_SITE_CASES = 100_000
+NOT_FINITE = "not a finite number (nnU-Net gives NaN Dice for a label absent from the cases)"
+
+
+def _metric_items(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("metrics must be a mapping of name to number")
+    if len(value) > MAX_METRICS:
+        raise ValueError(f"{len(value)} metrics: at most {MAX_METRICS}")
+    for name in value:
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME:
+            raise ValueError(f"metric name {str(name)[:80]!r}: 1-{MAX_METRIC_NAME} characters")
+    return value
+
+
+def is_metric_value(value: Any) -> bool:
+    """A finite, bounded number: the only kind of metric value that enters the state."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and abs(value) <= MAX_METRIC_VALUE
+    )
+
+
+def _finite_metrics(value: Any) -> dict[str, float]:
+    """Keep the finite values; NaN/Inf/None become "no value" (see ``missing_metrics``).
+
+    NaN is legal in Python's JSON but not in the state's: one NaN once made a stored
+    state unloadable, so no non-finite number is ever stored.
+    """
+    return {k: float(v) for k, v in _metric_items(value).items() if is_metric_value(v)}
+
+
+Metrics = Annotated[dict[str, float], BeforeValidator(_finite_metrics)]
+
+
+def missing_metric_reasons(metrics: Any) -> dict[str, str]:
+    """Name -> why it has no value, for each metric :data:`Metrics` drops."""
+    return {
+        k: NOT_FINITE if isinstance(v, float) else "not a number"
+        for k, v in _metric_items(metrics).items()
+        if not is_metric_value(v)
+    }
+
+
+def _short_text(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_ERROR_CHARS:
+        return value[: MAX_ERROR_CHARS - 1] + "…"
+    return value
+
+
+ShortText = Annotated[str, BeforeValidator(_short_text)]
+
 
 class ArtifactRef(BaseModel):
-    bucket: str
-    key: str
+    bucket: str = Field(max_length=63)
+    key: str = Field(max_length=1024)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=1 << 40)
+
+
+# Names that become file or folder names at a site: no path separator, no leading dot.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+PYTHON_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 class TrainingOptions(BaseModel):
-    """What a site needs to run nnU-Net; derived from the experiment spec."""
+    """What a site needs to run nnU-Net; derived from the experiment spec.
 
-    configuration: str
+    A site validates these before running anything: every name that ends up in a
+    path is a plain name (no separator, no ``..``), every count is bounded.
+    """
+
+    configuration: str = Field(pattern=NAME_PATTERN)
     fold: int | Literal["all"]
-    trainer: str = "nnUNetTrainer"
-    plans_identifier: str = "nnUNetPlans"
+    trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
+    plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
     method: Literal["ffe", "asym"] = "ffe"
-    rounds: int = 1
-    local_epochs: int = 1
-    iterations_per_epoch: int = 250
-    val_iterations_per_epoch: int = 50
-    device: str = "cuda"
+    rounds: int = Field(default=1, ge=1, le=100_000)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    iterations_per_epoch: int = Field(default=250, ge=1, le=100_000)
+    val_iterations_per_epoch: int = Field(default=50, ge=1, le=100_000)
+    device: Literal["cuda", "cpu", "mps"] = "cuda"
     seed: int = 12345
     export_npz: bool = False
-    extra_trainer_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("fold")
+    @classmethod
+    def _fold(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 0 <= v <= 4:
+            raise ValueError("fold must be 0-4 or 'all'")
+        return v
 
 
 class SiteTask(BaseModel):
     """One unit of work for one site: a phase (and round) of one experiment."""
 
-    experiment_id: str
-    site_id: str
+    experiment_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    site_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
     phase: Phase
-    round: int = 0
-    attempt: int = 1
+    round: int = Field(default=0, ge=0, le=100_000)
+    attempt: int = Field(default=1, ge=1, le=1000)
     options: TrainingOptions
     # Inputs, by phase: merged fingerprint (plan, FFE), global weights (train, round>1),
     # expected plans hash (train, FFE).
@@ -62,14 +140,25 @@ class SiteReport(BaseModel):
     round: int = 0
     attempt: int = 1
     ok: bool
-    error: str | None = None
+    error: ShortText | None = None
     # False for errors that another attempt cannot fix (e.g. a malformed dataset).
     retryable: bool = True
     artifact: ArtifactRef | None = None
-    plans_sha256: str | None = None
-    num_cases: int = 0
-    metrics: dict[str, float] = Field(default_factory=dict)
-    seconds: float = 0.0
+    plans_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    num_cases: int = Field(default=0, ge=0, le=MAX_SITE_CASES)
+    metrics: Metrics = Field(default_factory=dict)
+    # Metrics without a value (e.g. NaN Dice) and why: kept out of ``metrics``.
+    missing_metrics: dict[str, ShortText] = Field(default_factory=dict, max_length=MAX_METRICS)
+    seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _record_missing_metrics(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("metrics"):
+            missing = missing_metric_reasons(data["metrics"])
+            if missing:
+                data = {**data, "missing_metrics": {**data.get("missing_metrics", {}), **missing}}
+        return data
 
 
 class ProgressEvent(BaseModel):
@@ -80,10 +169,10 @@ class ProgressEvent(BaseModel):
     kind: Literal["heartbeat", "progress", "egress"]
     phase: Phase | None = None
     round: int = 0
-    epoch: int | None = None
-    iteration: int | None = None
-    of_iterations: int | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    time: float = 0.0
+    epoch: int | None = Field(default=None, ge=0, le=10**7)
+    iteration: int | None = Field(default=None, ge=0, le=10**7)
+    of_iterations: int | None = Field(default=None, ge=0, le=10**7)
+    metrics: Metrics = Field(default_factory=dict)
+    bytes_sent: int = Field(default=0, ge=0, le=1 << 40)
+    bytes_received: int = Field(default=0, ge=0, le=1 << 40)
+    time: float = Field(default=0.0, allow_inf_nan=False)

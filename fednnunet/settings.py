@@ -8,10 +8,22 @@ setup just works.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Credentials that ship with the code (local stack, demo, tests). Anyone can read them,
+# so a real deployment must not run with them: refused unless FEDNNUNET_DEVELOPMENT=true.
+DEVELOPMENT_S3_KEYS = ("fednnunet", "fednnunet-secret")
+DEVELOPMENT_BROKER_LOGINS = (("guest", "guest"),)
+
+
+def redact_url(url: str) -> str:
+    """A URL without its user and password (for errors, logs and ``doctor``)."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 class Settings(BaseSettings):
@@ -33,10 +45,16 @@ class Settings(BaseSettings):
     # Site-side settings: which site this worker is, and which local dataset it trains.
     site_id: str | None = None
     dataset_id: int | None = None
+    # YAML file bounding what this site runs (fednnunet/site/policy.py); none: no limits.
+    site_policy: str | None = None
     # Where a site records every object it uploads (hospital IT audits this file).
     egress_log: str | None = None
-    # Seconds without a site heartbeat after which the coordinator re-dispatches its task.
-    heartbeat_timeout_s: float = 60.0
+    # Local development stack: allows the well-known credentials above, and lets a
+    # message from the shared broker user (everyone is one user there) speak for any site.
+    development: bool = False
+    # Broker users (besides the coordinator's own) allowed to start and cancel experiments.
+    operator_users: list[str] = Field(default_factory=lambda: ["coordinator", "operator"])
+    # Seconds between a site's heartbeats while it works on a task.
     heartbeat_interval_s: float = 5.0
     # Largest object a site may upload or the coordinator accept (bytes).
     max_object_bytes: int = 2 * 1024**3
@@ -56,6 +74,26 @@ class Settings(BaseSettings):
     standin_model: str = "tiny"
     standin_sleep_s: float = 0.0
     standin_dir: str | None = None
+
+
+    @model_validator(mode="after")
+    def _no_development_credentials_in_production(self) -> Settings:
+        if self.development:
+            return self
+        found = []
+        if (self.s3_access_key, self.s3_secret_key) == DEVELOPMENT_S3_KEYS:
+            found.append("FEDNNUNET_S3_ACCESS_KEY/FEDNNUNET_S3_SECRET_KEY")
+        url = urlsplit(self.broker_url)
+        login = (unquote(url.username or ""), unquote(url.password or ""))
+        if login in DEVELOPMENT_BROKER_LOGINS:
+            found.append("FEDNNUNET_BROKER_URL")
+        if found:
+            raise ValueError(
+                f"{' and '.join(found)} hold the well-known development credentials; "
+                "use your own (deploy/README.md) or set FEDNNUNET_DEVELOPMENT=true "
+                "for a local test stack"
+            )
+        return self
 
 
 def nnunet_paths() -> dict[str, Path | None]:
@@ -93,7 +131,19 @@ def get_settings(**overrides: object) -> Settings:
         return Settings(**clean)
     except ValidationError as err:
         problems = "; ".join(
-            f"FEDNNUNET_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            (f"FEDNNUNET_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
             for e in err.errors()
         )
         raise FedError(f"invalid setting(s): {problems}") from None
+
+
+def resolve_under(root: Path, *parts: str) -> Path:
+    """``root/parts...``, refusing anything that would resolve outside ``root`` (a name
+    sent by the coordinator must never reach a file outside the nnU-Net folders)."""
+    from fednnunet.errors import PolicyRefusal
+
+    path = root.joinpath(*parts).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise PolicyRefusal(f"path {'/'.join(parts)!r} leaves {root}")
+    return path

@@ -38,6 +38,10 @@ class ExperimentSpec(BaseModel):
     max_attempts: int = Field(default=3, ge=1, le=20)
     export_npz: bool = False
     stop_after: Literal["fingerprint", "plan"] | None = None
+    # Largest share of the average one site may have, e.g. 0.5 (default: case-weighted).
+    max_site_weight: float | None = Field(default=None, gt=0, le=1)
+    # fedavg (case-weighted mean) or trimmed_mean (robust to a minority of bad updates).
+    aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
     train_args: list[str] = Field(default_factory=list)
 
     @field_validator("experiment_id")
@@ -107,11 +111,9 @@ class ExperimentSpec(BaseModel):
         if self.train_args:
             from fednnunet.nnunet.train_args import parse_nnunet_train_args
 
-            parsed = parse_nnunet_train_args(self.train_args)
-            fields = set(TrainingOptions.model_fields)
-            update = {k: v for k, v in parsed.items() if k in fields and v is not None}
-            extra = {k: v for k, v in parsed.items() if k not in fields and v not in (None, False)}
-            opts = opts.model_copy(update={**update, "extra_trainer_kwargs": extra})
+            opts = TrainingOptions.model_validate(
+                opts.model_dump() | parse_nnunet_train_args(self.train_args)
+            )
         return opts
 
 

@@ -4,6 +4,9 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+# The local stack uses well-known development credentials, which a production
+# setting refuses (fednnunet/settings.py): say that this is a development run.
+export FEDNNUNET_DEVELOPMENT="${FEDNNUNET_DEVELOPMENT:-true}"
 bash scripts/setup.sh
 bash deploy/local/stack.sh up
 exec .venv/bin/fednnunet demo "$@"

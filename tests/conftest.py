@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+# The tests run on the local development stack (well-known credentials, one broker user
+# for every process); the adversarial tests switch it off for the coordinator they test.
+os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
 
 import pytest
 

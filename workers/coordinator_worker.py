@@ -11,17 +11,20 @@ from celery import Celery
 
 from fednnunet.adapters.broker import (
     CANCEL_TASK,
+    CONTROL,
     REPORT_TASK,
     SITE_TASKS,
     START_TASK,
     ProgressConsumer,
     declare_topology,
     make_celery,
+    message_sender,
     site_task_queue,
 )
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.coordinator.service import Coordinator
+from fednnunet.keys import CONTROL_QUEUE, COORDINATOR_QUEUE
 from fednnunet.messages import SiteReport, SiteTask
 from fednnunet.settings import Settings
 from fednnunet.spec import parse_spec
@@ -64,19 +67,50 @@ def build_coordinator(
         plot_every_s=settings.plot_every_s,
     )
 
-    @app.task(name=REPORT_TASK, acks_late=True, ignore_result=True)
-    def site_report(payload: dict) -> None:
-        coordinator.on_report(SiteReport.model_validate(payload))
+    # Every handler takes the sender from the broker-validated AMQP user_id ("" when the
+    # message has none, which nothing trusts); a message that fails validation is
+    # refused and counted, never retried (acks_late redelivers only on worker loss).
+    def sender_of(task) -> str:  # noqa: ANN001 - a bound Celery task
+        return message_sender(task.request.properties) or ""
 
-    @app.task(name=START_TASK, acks_late=True, ignore_result=True)
-    def start_experiment(spec: dict) -> None:
-        coordinator.start(parse_spec(spec))
+    def from_control_queue(task) -> bool:  # noqa: ANN001
+        return (task.request.delivery_info or {}).get("exchange") == CONTROL.name
 
-    @app.task(name=CANCEL_TASK, acks_late=True, ignore_result=True)
-    def cancel_experiment(experiment_id: str) -> None:
-        coordinator.cancel(experiment_id)
+    @app.task(name=REPORT_TASK, bind=True, acks_late=True, ignore_result=True)
+    def site_report(self, payload: dict) -> None:
+        try:
+            report = SiteReport.model_validate(payload)
+        except Exception as exc:  # noqa: BLE001 - malformed: refuse, do not crash
+            coordinator.refuse(None, "malformed-report", _one_line(exc), sender_of(self))
+            return
+        coordinator.on_report(report, sender_of(self))
+
+    @app.task(name=START_TASK, bind=True, acks_late=True, ignore_result=True)
+    def start_experiment(self, spec: dict) -> None:
+        sender = sender_of(self)
+        if not from_control_queue(self):
+            coordinator.refuse(None, "start", "start request outside the control queue", sender)
+            return
+        try:
+            parsed = parse_spec(spec)
+        except Exception as exc:  # noqa: BLE001
+            coordinator.refuse(None, "start", f"invalid spec: {_one_line(exc)}", sender)
+            return
+        coordinator.start(parsed, sender)
+
+    @app.task(name=CANCEL_TASK, bind=True, acks_late=True, ignore_result=True)
+    def cancel_experiment(self, experiment_id: str) -> None:
+        sender = sender_of(self)
+        if not from_control_queue(self) or not isinstance(experiment_id, str):
+            coordinator.refuse(None, "cancel", "cancel request outside the control queue", sender)
+            return
+        coordinator.cancel(experiment_id[:64], sender)
 
     return app, coordinator
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 class Ticker(threading.Thread):
@@ -96,7 +130,9 @@ class Ticker(threading.Thread):
 def run_coordinator(settings: Settings, tick_s: float = 2.0, loglevel: str = "INFO") -> None:
     declare_topology(settings, [])
     app, coordinator = build_coordinator(settings)
-    ProgressConsumer(settings, coordinator.redis.record_progress).start()
+    ProgressConsumer(
+        settings, lambda event, key, user: coordinator.on_progress(event, key, user or "")
+    ).start()
     Ticker(coordinator, tick_s).start()
     app.worker_main(
         [
@@ -108,7 +144,7 @@ def run_coordinator(settings: Settings, tick_s: float = 2.0, loglevel: str = "IN
             "--concurrency",
             str(REPORT_THREADS),
             "--queues",
-            "coordinator",
+            f"{COORDINATOR_QUEUE},{CONTROL_QUEUE}",
             "--hostname",
             "coordinator@%h",
             "--without-gossip",

@@ -15,16 +15,19 @@ from pathlib import Path
 from celery import Celery
 from celery.signals import worker_ready
 from celery.worker.request import Request
+from pydantic import ValidationError
 
 from fednnunet.adapters.broker import (
     REPORT_TASK,
     RESULTS_EXCHANGE,
     SITE_TASKS,
     ProgressPublisher,
+    broker_user,
     coordinator_queue,
     make_celery,
 )
 from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.errors import FedError
 from fednnunet.keys import COORDINATOR_QUEUE
 from fednnunet.messages import SiteReport, SiteTask
 from fednnunet.settings import Settings
@@ -49,16 +52,48 @@ class AckOnReceipt(Request):
             self.acknowledged = True
 
 
-def send_report(app: Celery, report: SiteReport) -> None:
+def send_report(app: Celery, report: SiteReport, user_id: str) -> None:
     # Explicit exchange: a site may not publish to the default exchange (it could reach
-    # any queue by name).
+    # any queue by name). user_id: the coordinator believes only the broker-validated
+    # sender, so the report must say who we are (RabbitMQ checks it).
     app.send_task(
         REPORT_TASK,
         args=[report.model_dump(mode="json")],
         queue=coordinator_queue(no_declare=True),
         exchange=RESULTS_EXCHANGE.name,
         routing_key=COORDINATOR_QUEUE,
+        user_id=user_id,
     )
+
+
+def validated_task(payload: object, phase: str, settings: Settings) -> SiteTask | SiteReport:
+    """The task, or (when it fails validation) a non-retryable refusal to send back.
+
+    A site checks what the coordinator asks before running it: names that become paths
+    are plain names, counts are bounded. A refusal names the experiment only when that
+    part of the task was valid (the report would be ignored otherwise).
+    """
+    try:
+        return SiteTask.model_validate(payload)
+    except ValidationError as err:
+        raw = payload if isinstance(payload, dict) else {}
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
+        )
+        try:
+            return SiteReport(
+                experiment_id=str(raw.get("experiment_id", "")),
+                site_id=str(settings.site_id),
+                phase=phase,
+                round=int(raw.get("round", 0)),
+                attempt=int(raw.get("attempt", 1)),
+                ok=False,
+                retryable=False,
+                error=f"task refused by the site: {problems}",
+            )
+        except (ValidationError, TypeError, ValueError):
+            log.error("unanswerable task refused: %s", problems)
+            raise FedError(f"task refused: {problems}") from None
 
 
 def default_egress_log(settings: Settings) -> Path:
@@ -79,6 +114,7 @@ def default_cache_dir(settings: Settings) -> Path:
 def build_site_app(settings: Settings, service: SiteService | None = None) -> Celery:
     """The Celery app of one site; ``service`` may be injected (tests, benchmarks)."""
     app = make_celery(settings, "site", settings.site_id)
+    user = broker_user(settings)
     state: dict[str, SiteService] = {}
 
     def get_service() -> SiteService:
@@ -113,7 +149,10 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
     def make_task(phase: str, name: str) -> None:
         @app.task(name=name, acks_late=False, ignore_result=True, Request=AckOnReceipt)
         def _task(payload: dict) -> None:  # noqa: ARG001 - one closure per phase
-            task = SiteTask.model_validate(payload)
+            task = validated_task(payload, phase, settings)
+            if isinstance(task, SiteReport):  # refused before anything ran
+                send_report(app, task, user)
+                return
             log.info(
                 "site %s: %s round %s of %s (attempt %s)",
                 task.site_id,
@@ -123,7 +162,7 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
                 task.attempt,
             )
             report = get_service().handle(task)
-            send_report(app, report)
+            send_report(app, report, user)
 
     for phase, name in SITE_TASKS.items():
         make_task(phase, name)

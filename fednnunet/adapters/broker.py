@@ -4,7 +4,14 @@ Topology::
 
     fednnunet.tasks    (direct)  --site.<id>-->   queue site.<id>    (one site worker)
     fednnunet.results  (direct)  --coordinator--> queue coordinator  (coordinator)
+    fednnunet.control  (direct)  --coordinator.control--> queue coordinator.control (operators)
     fednnunet.progress (topic)   --<exp>.<site>.<kind>--> exclusive queues (coordinator, watch)
+
+Every message carries the AMQP ``user_id`` of its sender's broker user, which
+RabbitMQ validates (a publish claiming another user closes the channel). The
+coordinator takes a sender's identity from that property, never from the body.
+Sites may write to ``fednnunet.results`` and ``fednnunet.progress`` only, so start
+and cancel requests (``fednnunet.control``) come from operators alone.
 
 Site tasks are acknowledged on receipt: a training round outlives the broker
 heartbeat and RabbitMQ's consumer timeout, and a late ack would make the broker
@@ -23,6 +30,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
 
 import pika
 from celery import Celery
@@ -30,6 +38,8 @@ from kombu import Connection, Exchange, Queue
 
 from fednnunet.errors import ServiceUnreachable
 from fednnunet.keys import (
+    CONTROL_EXCHANGE,
+    CONTROL_QUEUE,
     COORDINATOR_QUEUE,
     IDLE_EXPERIMENT,
     PROGRESS_EXCHANGE,
@@ -43,6 +53,9 @@ log = logging.getLogger(__name__)
 
 TASKS_EXCHANGE = Exchange("fednnunet.tasks", type="direct", durable=True)
 RESULTS_EXCHANGE = Exchange("fednnunet.results", type="direct", durable=True)
+CONTROL = Exchange(CONTROL_EXCHANGE, type="direct", durable=True)
+
+MAX_PROGRESS_BYTES = 64 << 10  # a progress event is a few hundred bytes
 
 SITE_TASKS = {
     "fingerprint": "fednnunet.site.extract_fingerprint",
@@ -67,6 +80,38 @@ def coordinator_queue(no_declare: bool = False) -> Queue:
         routing_key=COORDINATOR_QUEUE,
         durable=True,
         no_declare=no_declare,
+    )
+
+
+def control_queue(no_declare: bool = False) -> Queue:
+    return Queue(
+        CONTROL_QUEUE, CONTROL, routing_key=CONTROL_QUEUE, durable=True, no_declare=no_declare
+    )
+
+
+def broker_user(settings: Settings) -> str:
+    """The broker user this process authenticates as (the AMQP ``user_id`` it must send)."""
+    return unquote(urlsplit(settings.broker_url).username or "guest")
+
+
+def message_sender(properties: dict | None) -> str | None:
+    """The broker-validated sender of a received message (None if it did not say)."""
+    user = (properties or {}).get("user_id")
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", "replace")
+    return user or None
+
+
+def send_control(settings: Settings, task_name: str, args: list) -> None:
+    """Publish a start/cancel request on the operators' exchange, signed with our user."""
+    app = make_celery(settings, "client")
+    app.send_task(
+        task_name,
+        args=args,
+        queue=control_queue(no_declare=True),
+        exchange=CONTROL.name,
+        routing_key=CONTROL_QUEUE,
+        user_id=broker_user(settings),
     )
 
 
@@ -136,13 +181,17 @@ def make_celery(settings: Settings, role: str, site_id: str | None = None) -> Ce
         )
     elif role == "coordinator":
         conf.update(
-            task_queues=[coordinator_queue()],
+            task_queues=[coordinator_queue(), control_queue()],
             task_acks_late=True,
             task_reject_on_worker_lost=True,
             broker_heartbeat=30,
         )
     else:
-        conf.update(task_queues=[coordinator_queue()], broker_heartbeat=0)
+        conf.update(
+            task_queues=[control_queue(no_declare=True)],
+            broker_heartbeat=0,
+            broker_transport_options={"confirm_publish": True},
+        )
     ssl_opts = _ssl_options(settings)
     if ssl_opts:
         conf["broker_use_ssl"] = ssl_opts
@@ -178,10 +227,9 @@ def _failure_detail(exc: BaseException) -> str:
 
 
 def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    from fednnunet.settings import redact_url
+
+    return redact_url(url)
 
 
 def declare_topology(settings: Settings, sites: list[str]) -> None:
@@ -195,7 +243,9 @@ def declare_topology(settings: Settings, sites: list[str]) -> None:
         for exch in (TASKS_EXCHANGE, RESULTS_EXCHANGE):
             exch(channel).declare()
         Exchange(PROGRESS_EXCHANGE, type="topic", durable=True)(channel).declare()
+        CONTROL(channel).declare()
         coordinator_queue()(channel).declare()
+        control_queue()(channel).declare()
         for site in sites:
             site_task_queue(site)(channel).declare()
 
@@ -228,6 +278,7 @@ class ProgressPublisher:
     def __init__(self, settings: Settings, site_id: str, interval_s: float | None = None) -> None:
         self.settings = settings
         self.site_id = site_id
+        self.user_id = broker_user(settings)
         self.interval_s = interval_s or settings.heartbeat_interval_s
         self._events: queue.Queue[ProgressEvent] = queue.Queue(maxsize=1000)
         self._active: ProgressEvent | None = None
@@ -307,7 +358,11 @@ class ProgressPublisher:
                         PROGRESS_EXCHANGE,
                         progress_routing_key(event.experiment_id, event.site_id, event.kind),
                         event.model_dump_json().encode(),
-                        pika.BasicProperties(content_type="application/json", delivery_mode=1),
+                        pika.BasicProperties(
+                            content_type="application/json",
+                            delivery_mode=1,
+                            user_id=self.user_id,
+                        ),
                     )
                 conn.process_data_events(time_limit=0)
                 if time.monotonic() >= next_beat:
@@ -322,10 +377,17 @@ class ProgressPublisher:
 
 
 class ProgressConsumer:
-    """Consumes every progress event (exclusive queue) and hands it to a callback."""
+    """Consumes every progress event (exclusive queue) and hands it to a callback.
+
+    The callback gets the event, its routing key and its broker-validated sender, so
+    that it can take the site from the routing key and the sender, not the body.
+    """
 
     def __init__(
-        self, settings: Settings, on_event: Callable[[ProgressEvent], None], binding_key: str = "#"
+        self,
+        settings: Settings,
+        on_event: Callable[[ProgressEvent, str, str | None], None],
+        binding_key: str = "#",
     ) -> None:
         self.settings = settings
         self.on_event = on_event
@@ -350,13 +412,19 @@ class ProgressConsumer:
                 q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
                 ch.queue_bind(q, PROGRESS_EXCHANGE, routing_key=self.binding_key)
                 while not self._stop.is_set():
-                    for _method, _props, body in ch.consume(
+                    for method, props, body in ch.consume(
                         q, auto_ack=True, inactivity_timeout=0.5
                     ):
                         if body is None or self._stop.is_set():
                             break
                         try:
-                            self.on_event(ProgressEvent.model_validate(json.loads(body)))
+                            if len(body) > MAX_PROGRESS_BYTES:
+                                raise ValueError(f"{len(body)}-byte event")
+                            self.on_event(
+                                ProgressEvent.model_validate(json.loads(body)),
+                                method.routing_key,
+                                getattr(props, "user_id", None),
+                            )
                         except Exception as exc:  # noqa: BLE001 - bad event: drop it
                             log.warning("dropped progress event: %s", exc)
                 conn.close()

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from fednnunet.keys import (
+    CONTROL_EXCHANGE,
+    CONTROL_QUEUE,
     COORDINATOR_QUEUE,
     PROGRESS_EXCHANGE,
     SITE_ID_RE,
@@ -43,6 +45,7 @@ from fednnunet.keys import (
     site_queue,
 )
 from fednnunet.keys import site_bucket as _site_bucket
+from fednnunet.keys import site_user as _site_user
 
 DEFAULT_PREFIX = "fednnunet"
 DEFAULT_ADMIN_ACCESS = "fednnunet"
@@ -74,7 +77,7 @@ def derive_secret(seed: str, service: str, site: str) -> str:
 
 def site_user(site: str) -> str:
     """RabbitMQ user name and S3 access key of a site."""
-    return f"site-{_check_site(site)}"
+    return _site_user(_check_site(site))
 
 
 def site_s3_credentials(site: str, seed: str | None = None) -> tuple[str, str]:
@@ -250,8 +253,11 @@ class Queue:
 def topology(sites: Sequence[str]) -> tuple[list[tuple[str, str]], list[Queue]]:
     """(exchanges as (name, type), durable queues with their single binding)."""
     exchanges = [(TASKS_EXCHANGE, "direct"), (RESULTS_EXCHANGE, "direct")]
-    exchanges.append((PROGRESS_EXCHANGE, "topic"))
-    queues = [Queue(COORDINATOR_QUEUE, RESULTS_EXCHANGE, COORDINATOR_QUEUE)]
+    exchanges += [(CONTROL_EXCHANGE, "direct"), (PROGRESS_EXCHANGE, "topic")]
+    queues = [
+        Queue(COORDINATOR_QUEUE, RESULTS_EXCHANGE, COORDINATOR_QUEUE),
+        Queue(CONTROL_QUEUE, CONTROL_EXCHANGE, CONTROL_QUEUE),
+    ]
     queues += [Queue(site_queue(s), TASKS_EXCHANGE, site_queue(_check_site(s))) for s in sites]
     return exchanges, queues
 

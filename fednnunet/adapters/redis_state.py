@@ -5,6 +5,11 @@ Keys (``{ns}`` defaults to ``fednnunet``)::
     {ns}:experiments                 set of experiment ids
     {ns}:exp:{id}:state              ExperimentState as JSON
     {ns}:exp:{id}:lock               coordinator lock (one decision at a time)
+    {ns}:exp:{id}:fence              fencing token: bumped by each lock holder; a state
+                                     save by an older holder is refused
+    {ns}:exp:{id}:refused            hash reason-kind -> count of refused site messages
+    {ns}:exp:{id}:refusals           list of the last refused messages (JSON)
+    {ns}:refused / {ns}:refusals     the same for messages naming no known experiment
     {ns}:exp:{id}:heartbeat          hash site -> unix time of last heartbeat
     {ns}:exp:{id}:progress           hash site -> last ProgressEvent JSON
     {ns}:exp:{id}:bytes              hash site -> bytes moved (sent+received)
@@ -18,14 +23,43 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 
 from fednnunet.core.state_machine import ExperimentState
-from fednnunet.errors import ServiceUnreachable
+from fednnunet.errors import FedError, ServiceUnreachable
 from fednnunet.keys import IDLE_EXPERIMENT
 from fednnunet.messages import ProgressEvent
 from fednnunet.settings import Settings
+
+
+class LockLost(FedError):
+    """This coordinator no longer holds the experiment's lock: it must not write."""
+
+
+@dataclass
+class Fence:
+    """The holder's fencing token; ``lost`` is set when renewing the lock failed."""
+
+    experiment: str
+    token: int
+    lost: bool = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(f"lost the lock of experiment {self.experiment}; not writing")
+
+
+# Save only while our token is the newest: a paused coordinator whose lock expired
+# (and was taken by another) cannot overwrite the newer state.
+_FENCED_SAVE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+MAX_REFUSALS_KEPT = 100
 
 
 class RedisState:
@@ -58,11 +92,25 @@ class RedisState:
         raw = self.r.get(self._k(experiment, "state"))
         return ExperimentState.model_validate_json(raw) if raw else None
 
-    def save(self, state: ExperimentState) -> None:
-        pipe = self.r.pipeline()
-        pipe.set(self._k(state.experiment_id, "state"), state.model_dump_json())
-        pipe.sadd(f"{self.ns}:experiments", state.experiment_id)
-        pipe.execute()
+    def exists(self, experiment: str) -> bool:
+        return bool(self.r.exists(self._k(experiment, "state")))
+
+    def save(self, state: ExperimentState, fence: Fence | None = None) -> None:
+        """Store the state; with a ``fence``, only if that holder still owns the lock."""
+        exp = state.experiment_id
+        if fence is None:
+            pipe = self.r.pipeline()
+            pipe.set(self._k(exp, "state"), state.model_dump_json())
+            pipe.sadd(f"{self.ns}:experiments", exp)
+            pipe.execute()
+            return
+        fence.check()
+        keys = [self._k(exp, "state"), self._k(exp, "fence"), f"{self.ns}:experiments"]
+        if not self.r.eval(
+            _FENCED_SAVE, 3, *keys, state.model_dump_json(), str(fence.token), exp
+        ):
+            fence.lost = True
+            raise LockLost(f"experiment {exp} has a newer lock holder; state not saved")
 
     def create(self, state: ExperimentState) -> bool:
         """Store a new experiment; False if the id already exists."""
@@ -77,7 +125,7 @@ class RedisState:
     @contextlib.contextmanager
     def locked(
         self, experiment: str, timeout_s: float = 20.0, wait_s: float = 600.0
-    ) -> Iterator[None]:
+    ) -> Iterator[Fence]:
         """Exclusive section per experiment: two coordinators never decide at once.
 
         The lock expires ``timeout_s`` after its holder stops renewing it, so a
@@ -93,24 +141,48 @@ class RedisState:
         )
         if not lock.acquire():
             raise TimeoutError(f"could not lock experiment {experiment}")
+        fence = Fence(experiment, int(self.r.incr(self._k(experiment, "fence"))))
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(timeout_s / 3):
                 try:
                     lock.reacquire()
-                except redis.RedisError:
+                except (redis.RedisError, redis.exceptions.LockError):
+                    # Fatal for this pass: every later write of the holder is refused.
+                    fence.lost = True
                     return
 
         renewer = threading.Thread(target=renew, name="fednnunet-lock", daemon=True)
         renewer.start()
         try:
-            yield
+            yield fence
         finally:
             done.set()
             renewer.join()
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
+
+    # -- refused messages ---------------------------------------------------
+    def record_refusal(
+        self, experiment: str | None, kind: str, reason: str, sender: str | None
+    ) -> None:
+        """Count and keep (bounded) a site message the coordinator refused."""
+        base = self._k(experiment, "") if experiment else f"{self.ns}:"
+        entry = json.dumps(
+            {"time": time.time(), "kind": kind, "sender": sender, "reason": reason[:300]}
+        )
+        pipe = self.r.pipeline()
+        pipe.hincrby(base + "refused", kind, 1)
+        pipe.lpush(base + "refusals", entry)
+        pipe.ltrim(base + "refusals", 0, MAX_REFUSALS_KEPT - 1)
+        pipe.execute()
+
+    def refusals(self, experiment: str | None) -> tuple[dict[str, int], list[dict]]:
+        """(count per kind, newest refused messages first)."""
+        base = self._k(experiment, "") if experiment else f"{self.ns}:"
+        counts = {k: int(v) for k, v in self.r.hgetall(base + "refused").items()}
+        return counts, [json.loads(x) for x in self.r.lrange(base + "refusals", 0, -1)]
 
     # -- liveness and progress ----------------------------------------------
     def mark_alive(self) -> None:

@@ -101,6 +101,7 @@ class ArtifactStore:
         egress_log: str | None = None,
         cache_dir: Path | None = None,
         client: Minio | None = None,
+        cache_max_bytes: int = 16 << 30,
     ) -> None:
         self.settings = settings
         self.retry_total_s = retry_total_s
@@ -108,6 +109,8 @@ class ArtifactStore:
             Path(egress_log or settings.egress_log) if (egress_log or settings.egress_log) else None
         )
         self.cache_dir = cache_dir
+        # The verified-object cache is bounded: least recently used entries go first.
+        self.cache_max_bytes = cache_max_bytes
         self.max_object_bytes = settings.max_object_bytes
         self.endpoint_url = ("https://" if settings.s3_secure else "http://") + settings.s3_endpoint
         if client is None:
@@ -245,7 +248,7 @@ class ArtifactStore:
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
         self._log_egress(ref, kind)
         if cache:
-            self._seed_cache(sha, lambda tmp: tmp.write_bytes(data))
+            self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
         return ref
 
     def put_file(self, bucket: str, key: str, path: Path, kind: str = "blob") -> ArtifactRef:
@@ -265,23 +268,51 @@ class ArtifactStore:
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=size)
         self._log_egress(ref, kind)
         # A copy, not a link: the caller may rewrite its file.
-        self._seed_cache(sha, lambda tmp: shutil.copyfile(path, tmp))
+        self._seed_cache(ref, lambda tmp: shutil.copyfile(path, tmp))
         return ref
 
-    def _seed_cache(self, sha: str, write: Callable[[Path], object]) -> None:
+    def cache_path(self, ref: ArtifactRef) -> Path | None:
+        """Where the verified copy of ``ref`` is cached: keyed by bucket, key and sha256,
+        so the same bytes under another site's key are never mistaken for this object."""
+        if self.cache_dir is None:
+            return None
+        ident = hashlib.sha256(f"{ref.bucket}\0{ref.key}\0{ref.sha256}".encode()).hexdigest()
+        return self.cache_dir / ident
+
+    def _seed_cache(self, ref: ArtifactRef, write: Callable[[Path], object]) -> None:
         """Keep what we uploaded in the cache: the coordinator reads each global back
         next round (reference shapes and norm), which then costs no download."""
-        if self.cache_dir is None or (self.cache_dir / sha).exists():
+        cached = self.cache_path(ref)
+        if cached is None or cached.exists():
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_dir / f".up-{sha}-{os.getpid()}-{threading.get_ident()}"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.parent / f".up-{cached.name}-{os.getpid()}-{threading.get_ident()}"
         try:
             write(tmp)
-            os.replace(tmp, self.cache_dir / sha)
+            os.replace(tmp, cached)
+            self._trim_cache(keep=cached)
         except OSError as exc:  # a cache miss later is harmless
-            log.warning("could not cache %s: %s", sha[:12], exc)
+            log.warning("could not cache %s: %s", ref.key, exc)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _trim_cache(self, keep: Path) -> None:
+        """Drop least recently used entries until the cache fits ``cache_max_bytes``."""
+        if self.cache_dir is None:
+            return
+        entries = []
+        for entry in self.cache_dir.iterdir():
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            st = entry.stat()
+            entries.append((st.st_mtime, st.st_size, entry))
+        total = sum(size for _, size, _ in entries)
+        for _, size, entry in sorted(entries, key=lambda e: e[0]):
+            if total <= self.cache_max_bytes:
+                break
+            if entry != keep:
+                entry.unlink(missing_ok=True)
+                total -= size
 
     def put_json(self, bucket: str, key: str, obj: Any, kind: str = "json") -> ArtifactRef:
         data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
@@ -337,10 +368,15 @@ class ArtifactStore:
         return json.loads(self.get_bytes(ref))
 
     def get_file(self, ref: ArtifactRef, dest: Path | None = None) -> Path:
-        """Download to a file (or reuse the verified cached copy) and verify it."""
+        """Download to a file (or reuse the verified cached copy) and verify it.
+
+        At most ``ref.size`` + 1 bytes are read: an object larger than its reference is
+        refused without streaming the rest.
+        """
         self._check_ref_size(ref)
-        cached = self.cache_dir / ref.sha256 if self.cache_dir else None
+        cached = self.cache_path(ref)
         if cached is not None and cached.exists():
+            os.utime(cached)  # recently used
             if dest is None:
                 return cached
             shutil.copyfile(cached, dest)
@@ -353,13 +389,14 @@ class ArtifactStore:
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            self._retry(
-                f"get {ref.bucket}/{ref.key}",
-                lambda: self.client.fget_object(ref.bucket, ref.key, str(tmp)),
+            size, sha = self._retry(
+                f"get {ref.bucket}/{ref.key}", lambda: self._stream_capped(ref, tmp)
             )
-            self._verify(ref, tmp.stat().st_size, sha256_file(tmp))
+            self._verify(ref, size, sha)
             final = cached or dest or tmp.with_name(ref.sha256)
             os.replace(tmp, final)
+            if cached is not None:
+                self._trim_cache(keep=cached)
         finally:
             tmp.unlink(missing_ok=True)
         if cached is not None and dest is not None:
@@ -367,10 +404,29 @@ class ArtifactStore:
             return dest
         return final
 
+    def _stream_capped(self, ref: ArtifactRef, path: Path) -> tuple[int, str]:
+        """Write the object to ``path``, hashing as it streams; stop past ``ref.size``."""
+        h = hashlib.sha256()
+        size = 0
+        resp = self.client.get_object(ref.bucket, ref.key)
+        try:
+            with open(path, "wb") as fh:
+                for chunk in resp.stream(1 << 20):
+                    size += len(chunk)
+                    if size > ref.size:
+                        break  # larger than claimed: refused by _verify, rest unread
+                    h.update(chunk)
+                    fh.write(chunk)
+        finally:
+            resp.close()
+            resp.release_conn()
+        return size, h.hexdigest()
+
     def evict(self, ref: ArtifactRef | None) -> None:
         """Drop a cached copy that is no longer needed (keeps the cache bounded)."""
-        if ref is not None and self.cache_dir is not None:
-            (self.cache_dir / ref.sha256).unlink(missing_ok=True)
+        path = self.cache_path(ref) if ref is not None else None
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _verify(ref: ArtifactRef, size: int, sha: str) -> None:

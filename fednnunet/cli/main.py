@@ -228,13 +228,11 @@ def experiment_cancel(
     experiment_id: str, broker_url: str = BrokerOpt, redis_url: str = RedisOpt
 ) -> None:
     """Ask the coordinator to cancel an experiment."""
-    from fednnunet.adapters.broker import CANCEL_TASK, coordinator_queue, make_celery
+    from fednnunet.adapters.broker import CANCEL_TASK, send_control
 
     settings = _settings(broker_url, redis_url)
     _load_state(settings, experiment_id)
-    make_celery(settings, "client").send_task(
-        CANCEL_TASK, args=[experiment_id], queue=coordinator_queue()
-    )
+    send_control(settings, CANCEL_TASK, [experiment_id])
     console.print(f"cancel requested for {experiment_id}")
 
 
@@ -473,6 +471,8 @@ def demo(
     from fednnunet.nnunet.demo_data import make_demo_federation
 
     workdir = workdir.resolve()
+    # A demo runs on the local development stack and its well-known credentials.
+    os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
     for var, sub in (
         ("nnUNet_raw", "raw"),
         ("nnUNet_preprocessed", "preprocessed"),

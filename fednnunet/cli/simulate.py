@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fednnunet.adapters.broker import START_TASK, coordinator_queue, declare_topology, make_celery
+from fednnunet.adapters.broker import START_TASK, declare_topology, send_control
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.core.state_machine import TERMINAL, ExperimentState
 from fednnunet.errors import FedError
@@ -26,10 +26,7 @@ from fednnunet.spec import ExperimentSpec
 
 def submit(settings: Settings, spec: ExperimentSpec) -> None:
     """Queue a start request for the coordinator (JSON over the broker)."""
-    app = make_celery(settings, "client")
-    app.send_task(
-        START_TASK, args=[spec.model_dump(mode="json")], queue=coordinator_queue(no_declare=False)
-    )
+    send_control(settings, START_TASK, [spec.model_dump(mode="json")])
 
 
 def wait_for(
@@ -62,8 +59,14 @@ class LocalFederation:
         cpus: int | None = None,
         tick_s: float = 1.0,
         with_coordinator: bool = True,
+        site_envs: Mapping[str, Mapping[str, str]] | None = None,
+        coordinator_env: Mapping[str, str] | None = None,
     ) -> None:
+        """``site_envs``/``coordinator_env``: per-process overrides, e.g. each site's own
+        broker user and S3 identity (as at real hospitals)."""
         self.sites = dict(sites)
+        self.site_envs = {s: dict(e) for s, e in (site_envs or {}).items()}
+        self.coordinator_env = dict(coordinator_env or {})
         self.log_dir = Path(log_dir)
         self.env = dict(os.environ) | dict(env or {})
         self.cpus = cpus or os.cpu_count() or 1
@@ -97,6 +100,7 @@ class LocalFederation:
                 "nnUNet_compile": "f",
             }
         )
+        env.update(self.site_envs.get(site, {}))
         return env
 
     def start_site(self, site: str) -> subprocess.Popen:
@@ -107,7 +111,9 @@ class LocalFederation:
         )
 
     def start_coordinator(self, name: str = "coordinator") -> subprocess.Popen:
-        return self._spawn(name, ["coordinator", "--tick", str(self.tick_s)], dict(self.env))
+        return self._spawn(
+            name, ["coordinator", "--tick", str(self.tick_s)], self.env | self.coordinator_env
+        )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs.get(name)
@@ -126,7 +132,9 @@ class LocalFederation:
     def __enter__(self) -> LocalFederation:
         self.started_at = time.time()
         # Site workers never declare queues (least privilege): declare them first.
-        declare_topology(get_settings(**_settings_env(self.env)), list(self.sites))
+        declare_topology(
+            get_settings(**_settings_env(self.env | self.coordinator_env)), list(self.sites)
+        )
         if self.with_coordinator:
             self.start_coordinator()
         for site in self.sites:

@@ -1,12 +1,14 @@
 """Aggregation of one round from S3 objects: verify, quarantine, stream FedAvg, publish.
 
-Each update is downloaded once into a local cache keyed by sha256 (verified),
-validated, then added to a streaming accumulator: peak memory is the global
-model plus one update, whatever the number of sites.
+Each update is downloaded once into a local cache keyed by (bucket, key, sha256),
+verified, checked against the round's reference model, then added to a streaming
+accumulator: peak memory is the global model plus one update, whatever the number
+of sites.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,15 +18,29 @@ import torch
 
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import (
+    WeightsHeader,
     encode_weights,
     load_weights_file,
-    read_file_header,
+    read_header,
     save_weights_file,
 )
-from fednnunet.core.aggregation import StreamingFedAvg, common_layers
+from fednnunet.core.aggregation import (
+    StreamingFedAvg,
+    capped_weights,
+    common_layers,
+    trimmed_mean,
+)
 from fednnunet.core.tensors import join_aliases
-from fednnunet.core.update_checks import l2_norm, update_problems
-from fednnunet.errors import FedError
+from fednnunet.core.update_checks import (
+    Signature,
+    common_signature,
+    l2_norm,
+    majority_signature,
+    norm_outliers,
+    signature_problems,
+    update_problems,
+)
+from fednnunet.errors import ServiceUnreachable
 from fednnunet.messages import ArtifactRef, SiteReport
 
 
@@ -35,6 +51,7 @@ class AggregationResult:
     quarantined: dict[str, str] = field(default_factory=dict)
     layers_averaged: int = 0
     seconds: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 def screen_update_file(
@@ -48,25 +65,27 @@ def screen_update_file(
 
 
 def average_files(
-    paths: Sequence[Path], weights: Sequence[float]
+    paths: Sequence[Path],
+    weights: Sequence[float],
+    names: Sequence[str] | None = None,
+    aliases: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Weighted FedAvg of safetensors update files: (full state with aliases, layers averaged).
 
     Only the headers are read up front; updates are then loaded one at a time,
     so peak memory is the accumulator plus one update whatever ``len(paths)``.
-    The alias map of the first update that has one is applied to the result,
-    so sites can rebuild nnU-Net's full key set.
+    ``names``/``aliases`` default to the layers common to all files and the first
+    file's alias map (the coordinator passes its reference model's instead).
     """
     if not paths or len(paths) != len(weights):
         raise ValueError("need one weight per update file, and at least one file")
-    headers = []
-    aliases_of_first: dict[str, str] = {}
-    for path in paths:
-        shapes, aliases, _ = read_file_header(path)
-        headers.append(shapes)
-        if not aliases_of_first:
-            aliases_of_first = aliases
-    names = common_layers(headers)
+    if names is None or aliases is None:
+        headers = [read_header(path) for path in paths]
+        names = common_layers([h.shapes for h in headers]) if names is None else names
+        aliases = (
+            next((h.aliases for h in headers if h.aliases), {}) if aliases is None else aliases
+        )
+    names = list(names)
     acc = StreamingFedAvg(names)
     dtypes: dict = {}
     for path, weight in zip(paths, weights, strict=True):
@@ -76,7 +95,7 @@ def average_files(
         acc.add(update, float(weight), owned=True)
         del update
     result = acc.result(dtypes)
-    full = join_aliases(result, {a: c for a, c in aliases_of_first.items() if c in result})
+    full = join_aliases(result, {a: c for a, c in aliases.items() if c in result})
     return full, names
 
 
@@ -92,63 +111,131 @@ def aggregate_files(
     return names
 
 
+def _signature(header: WeightsHeader) -> Signature:
+    return Signature(
+        {n: (shape, header.dtypes[n]) for n, shape in header.shapes.items()}, header.aliases
+    )
+
+
 def aggregate_round(
     store: ArtifactStore,
     reports: Sequence[SiteReport],
     target_bucket: str,
     target_key: str,
     previous_global: ArtifactRef | None,
+    *,
+    cases: Mapping[str, int] | None = None,
+    max_site_weight: float | None = None,
+    exact_architecture: bool = True,
+    aggregation: str = "fedavg",
     min_participants: int = 1,
-    strict_shapes: bool = True,
 ) -> AggregationResult:
     """Average the verified, sane updates of ``reports`` into a new global object.
 
-    ``strict_shapes`` (FFE): every layer of the previous global must keep its shape.
+    Every update must carry the reference model (the previous global's tensors, dtypes
+    and aliases; in the first round, FFE: the architecture a majority of sites sent,
+    AsymFedAvg: the layers all sites share). Aliases come from that reference, never
+    from one site. Updates with NaN/Inf or a norm far above the previous global's or
+    the round's median are quarantined. Each site weighs its ``cases`` (declared at
+    planning; else the report's), capped at ``max_site_weight``.
+    ``exact_architecture`` (FFE): one architecture everywhere, nothing more or less.
     """
     t0 = time.perf_counter()
     quarantined: dict[str, str] = {}
-    ref_shapes: dict[str, tuple[int, ...]] | None = None
+    reference: Signature | None = None
     ref_norm: float | None = None
     if previous_global is not None:
         prev_path = store.get_file(previous_global)
-        ref_shapes, _, _ = read_file_header(prev_path)
+        reference = _signature(read_header(prev_path))
         ref_norm = l2_norm(load_weights_file(prev_path))
 
-    accepted: list[tuple[SiteReport, Path]] = []
+    # 1. Fetch, verify, read each header (nothing from a site may stop the others).
+    fetched: dict[str, tuple[SiteReport, Path, Signature]] = {}
     for report in reports:
-        if report.artifact is None or report.num_cases <= 0:
-            quarantined[report.site_id] = "no update or no training cases"
+        if report.artifact is None:
+            quarantined[report.site_id] = "no update"
             continue
         try:
             path = store.get_file(report.artifact)
-            # With differing plans (AsymFedAvg) shapes legitimately differ between sites.
-            expected = ref_shapes if strict_shapes else None
-            problems = screen_update_file(path, expected, ref_norm)
-        except (FedError, ValueError, OSError) as exc:
-            quarantined[report.site_id] = str(exc)
-            continue
+            fetched[report.site_id] = (report, path, _signature(read_header(path)))
+        except ServiceUnreachable:
+            raise  # S3 is down: not the site's fault; the round is retried on the next tick
+        except Exception as exc:  # noqa: BLE001 - any malformed update is quarantined
+            quarantined[report.site_id] = _one_line(exc)
+
+    # 2. The reference model of this round.
+    if reference is None:
+        sigs = {site: sig for site, (_, _, sig) in fetched.items()}
+        if exact_architecture:
+            reference = majority_signature(sigs)
+            if reference is None and sigs:
+                for site in sigs:
+                    quarantined[site] = "no architecture shared by a majority of sites"
+                fetched.clear()
+        else:
+            reference = common_signature(list(sigs.values()))
+    for site, (_, _, sig) in list(fetched.items()):
+        problems = signature_problems(sig, reference, exact_architecture) if reference else []
         if problems:
-            quarantined[report.site_id] = "; ".join(problems[:3])
-            continue
-        accepted.append((report, path))
+            quarantined[site] = "; ".join(problems[:3])
+            del fetched[site]
 
-    if len(accepted) < min_participants:
-        return AggregationResult(
-            None, [r.site_id for r, _ in accepted], quarantined, seconds=time.perf_counter() - t0
-        )
+    # 3. Values: NaN/Inf and norms (one update in memory at a time).
+    shared = list(reference.tensors) if reference else []
+    norms: dict[str, float] = {}
+    for site, (_, path, _) in list(fetched.items()):
+        try:
+            tensors = load_weights_file(path, shared)
+            problems = update_problems(tensors, reference_norm=ref_norm)
+            norms[site] = l2_norm(tensors)
+            del tensors
+        except Exception as exc:  # noqa: BLE001 - e.g. a truncated or garbage body
+            problems = [_one_line(exc)]
+        if problems:
+            quarantined[site] = "; ".join(problems[:3])
+            del fetched[site]
+            norms.pop(site, None)
+    for site, why in norm_outliers(norms).items():
+        quarantined[site] = why
+        del fetched[site]
 
-    full, names = average_files(
-        [path for _, path in accepted], [float(r.num_cases) for r, _ in accepted]
-    )
+    accepted = [fetched[r.site_id] for r in reports if r.site_id in fetched]
+    participants = [r.site_id for r, _, _ in accepted]
+    if len(accepted) < max(1, min_participants) or reference is None:
+        return AggregationResult(None, participants, quarantined, seconds=time.perf_counter() - t0)
+
+    # 4. Average: case weights fixed at planning, capped; or a robust trimmed mean.
+    declared = {r.site_id: (cases or {}).get(r.site_id, r.num_cases) for r, _, _ in accepted}
+    weights = capped_weights(declared, max_site_weight)
+    paths = [path for _, path, _ in accepted]
+    aliases = dict(reference.aliases)
+    if aggregation == "trimmed_mean" and len(accepted) >= 3:
+        updates = [load_weights_file(p, shared) for p in paths]
+        averaged = trimmed_mean(updates, shared, trim=max(1, len(accepted) // 5))
+        del updates
+        full = join_aliases(averaged, {a: c for a, c in aliases.items() if c in averaged})
+    else:
+        full, _ = average_files(paths, [weights[s] for s in participants], shared, aliases)
     # Serialized in memory and uploaded from there (one hash pass, no temporary file);
     # the store keeps a verified copy, so next round's screening downloads nothing.
-    data = encode_weights(full, {"participants": ",".join(r.site_id for r, _ in accepted)})
+    meta = {
+        "participants": ",".join(participants),
+        "weights": json.dumps({s: round(weights[s], 12) for s in participants}),
+        "aggregation": aggregation,
+    }
+    data = encode_weights(full, meta)
     del full
     ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights", cache=True)
     return AggregationResult(
         ref,
-        [r.site_id for r, _ in accepted],
+        participants,
         quarantined,
-        layers_averaged=len(names),
+        layers_averaged=len(shared),
         seconds=time.perf_counter() - t0,
+        weights={s: weights[s] for s in participants},
     )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -11,6 +11,7 @@ Redis loses it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -18,23 +19,27 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from fednnunet.adapters.redis_state import RedisState
+from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import read_file_header
 from fednnunet.coordinator.aggregator import AggregationResult, aggregate_round
 from fednnunet.core import state_machine as sm
-from fednnunet.errors import FedError, IntegrityError
+from fednnunet.core.identity import SenderPolicy
+from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.keys import (
     GLOBAL_SITE,
+    IDLE_EXPERIMENT,
+    PHASE_FINAL,
     PHASE_FINGERPRINT,
     PHASE_HISTORY,
     PHASE_JOURNAL,
     PHASE_TRAIN,
     artifact_key,
     global_bucket,
+    parse_progress_routing_key,
     site_bucket,
 )
-from fednnunet.messages import ArtifactRef, SiteReport, SiteTask, TrainingOptions
+from fednnunet.messages import ArtifactRef, ProgressEvent, SiteReport, SiteTask, TrainingOptions
 from fednnunet.settings import Settings
 from fednnunet.spec import ExperimentSpec
 
@@ -49,6 +54,18 @@ def plot_key(experiment_id: str, round_: int) -> str:
 
 
 SendTask = Callable[[SiteTask], None]
+
+# Largest object a site may reference per phase (weights: FEDNNUNET_MAX_OBJECT_BYTES):
+# checked with a stat before any byte is downloaded.
+MAX_REPORTED_BYTES = {"fingerprint": 64 << 20, "plan": 8 << 20}
+
+
+class Refused(FedError):
+    """A site message the coordinator does not believe (logged and counted)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind, self.reason = kind, reason
+        super().__init__(reason)
 
 
 class Coordinator:
@@ -78,10 +95,17 @@ class Coordinator:
         self.plot_every_s = plot_every_s
         self._last_plot: dict[str, tuple[tuple[int, bool], float]] = {}
         self._history_journaled: dict[str, int] = {}  # experiment -> rounds written to S3
+        self.senders = SenderPolicy.from_settings(settings)
 
     # ------------------------------------------------------------ entry points
-    def start(self, spec: ExperimentSpec) -> sm.ExperimentState:
-        """Create the experiment (idempotent for the same id) and dispatch its first phase."""
+    def start(self, spec: ExperimentSpec, sender: str | None = None) -> sm.ExperimentState:
+        """Create the experiment (idempotent for the same id) and dispatch its first phase.
+
+        ``sender``: the broker user that asked (None: called in-process, trusted).
+        """
+        if sender is not None and not self.senders.is_operator(sender):
+            self.refuse(spec.experiment_id, "start", f"start from non-operator {sender}", sender)
+            return None  # type: ignore[return-value]
         for site in spec.sites:
             self.store.ensure_bucket(site_bucket(self.settings.bucket_prefix, site))
         self.store.ensure_bucket(self.global_bucket)
@@ -97,51 +121,134 @@ class Coordinator:
             heartbeat_timeout_s=spec.heartbeat_timeout_s,
             max_attempts=spec.max_attempts,
             stop_after=spec.stop_after,
+            max_site_weight=spec.max_site_weight,
+            aggregation=spec.aggregation,
         )
         if self.redis.create(state):
             self._journal(state)
         return self.advance(spec.experiment_id)
 
-    def on_report(self, report: SiteReport) -> None:
-        if report.ok and report.phase == "train" and report.artifact is not None:
+    def on_report(self, report: SiteReport, sender: str | None = None) -> None:
+        """Handle a site's report. ``sender``: its broker-validated user (None: trusted
+        in-process caller). Nothing in a report can stop the coordinator: a report that
+        cannot be believed or handled is refused, logged and counted."""
+        exp = report.experiment_id
+        if not self.senders.may_speak_for(sender, report.site_id):
+            self.refuse(exp, "forged", f"report for site {report.site_id} from {sender!r}", sender)
+            return
+        refused: Refused | None = None
+        try:
+            ref = self._checked_reference(report)
+        except Refused as exc:
+            refused, ref = exc, None
+        if ref is not None and report.phase == "train":
             # Fetch and verify the update now, outside the lock: when the last site
             # reports, only its own update remains to be downloaded before aggregating.
             try:
-                self.store.get_file(report.artifact)
+                self.store.get_file(ref)
             except FedError as exc:
                 log.warning("prefetch of %s's update failed: %s", report.site_id, exc)
-        with self.redis.locked(report.experiment_id):
-            state = self._load(report.experiment_id)
+        with self.redis.locked(exp) as fence:
+            state = self._load(exp)
             if state is None:
-                log.warning("report for unknown experiment %s ignored", report.experiment_id)
+                self.refuse(None, "unknown-experiment", f"report for {exp!r}", sender)
                 return
+            current = report.phase == state.phase and report.round == state.round
+            problem = refused.reason if refused is not None else None
             if report.site_id not in state.sites:
-                log.warning("report from unknown site %s ignored", report.site_id)
                 state.ignored_reports += 1
+                self.refuse(exp, "unknown-site", f"report from {report.site_id}", sender)
+            elif problem is None and current:
+                problem = sm.report_problem(state, report, self.settings.bucket_prefix)
+            if report.site_id not in state.sites:
+                pass
+            elif problem is not None:
+                kind = refused.kind if refused is not None else "bad-report"
+                self.refuse(exp, kind, f"{report.site_id}: {problem}", sender)
+                if current:  # the site's own report: it failed this attempt (bounded)
+                    sm.apply_refused(state, report.site_id, problem, self.clock())
             elif not sm.apply_report(state, report, self.clock()):
                 log.info(
                     "stale/duplicate report %s/%s r%s from %s ignored",
-                    report.experiment_id,
+                    exp,
                     report.phase,
                     report.round,
                     report.site_id,
                 )
-            self._advance_locked(state)
+            self._advance_locked(state, fence)
 
-    def cancel(self, experiment_id: str) -> sm.ExperimentState | None:
-        with self.redis.locked(experiment_id):
+    def _checked_reference(self, report: SiteReport) -> ArtifactRef | None:
+        """The report's artifact, believed only after checking it against S3 itself:
+        the claimed site's bucket and key layout, then a stat (size within the phase's
+        limit and equal to the claim, same sha256) before any byte is downloaded."""
+        ref = report.artifact
+        if ref is None or not report.ok:
+            return None
+        want_bucket = site_bucket(self.settings.bucket_prefix, report.site_id)
+        if ref.bucket != want_bucket:
+            raise Refused("foreign-object", f"references bucket {ref.bucket}, not {want_bucket}")
+        if not ref.key.startswith(f"{report.experiment_id}/{report.phase}/"):
+            raise Refused("foreign-object", f"references key {ref.key[:200]!r}")
+        limit = MAX_REPORTED_BYTES.get(report.phase, self.settings.max_object_bytes)
+        actual = self.store.stat(ref.bucket, ref.key)
+        if actual is None:
+            raise Refused("missing-object", f"s3://{ref.bucket}/{ref.key} does not exist")
+        if actual.size > limit:
+            raise Refused("oversized", f"{actual.size}-byte {report.phase} object (limit {limit})")
+        if actual.size != ref.size or actual.sha256 != ref.sha256:
+            raise Refused(
+                "mismatch",
+                f"s3://{ref.bucket}/{ref.key} is {actual.size} B sha256 {actual.sha256[:12]}…, "
+                f"the report claims {ref.size} B {ref.sha256[:12]}…",
+            )
+        return ref
+
+    def on_progress(self, event: ProgressEvent, routing_key: str, sender: str | None) -> None:
+        """A progress event or heartbeat: the site comes from the routing key and the
+        broker-validated sender, never from the body (a forged beat could keep a dead
+        site "alive")."""
+        parsed = parse_progress_routing_key(routing_key)
+        if parsed is None:
+            self.refuse(None, "bad-progress", f"routing key {routing_key[:120]!r}", sender)
+            return
+        experiment, site, _kind = parsed
+        if not self.senders.may_speak_for(sender, site):
+            where = None if experiment == IDLE_EXPERIMENT else experiment
+            self.refuse(where, "forged-progress", f"progress for {site} from {sender!r}", sender)
+            return
+        if event.site_id != site or event.experiment_id != experiment:
+            self.refuse(
+                None, "bad-progress", f"body names {event.experiment_id}/{event.site_id}", sender
+            )
+            return
+        self.redis.record_progress(event)
+
+    def refuse(self, experiment: str | None, kind: str, reason: str, sender: str | None) -> None:
+        log.warning("refused %s message (%s): %s", kind, sender, reason)
+        try:
+            self.redis.record_refusal(experiment, kind, reason, sender)
+        except Exception:  # noqa: BLE001 - counting must not turn a refusal into a crash
+            log.exception("could not record a refusal")
+
+    def cancel(
+        self, experiment_id: str, sender: str | None = None
+    ) -> sm.ExperimentState | None:
+        if sender is not None and not self.senders.is_operator(sender):
+            self.refuse(experiment_id, "cancel", f"cancel from non-operator {sender}", sender)
+            return None
+        with self.redis.locked(experiment_id) as fence:
             state = self._load(experiment_id)
             if state is not None:
                 sm.apply_cancelled(state, self.clock())
-                self._save(state, journal=True)
+                self._save(state, journal=True, fence=fence)
             return state
 
     def advance(self, experiment_id: str) -> sm.ExperimentState:
-        with self.redis.locked(experiment_id):
+        with self.redis.locked(experiment_id) as fence:
             state = self._load(experiment_id)
             if state is None:
                 raise FedError(f"unknown experiment {experiment_id}")
-            return self._advance_locked(state)
+            return self._advance_locked(state, fence)
 
     def tick(self) -> None:
         """Periodic: recover lost Redis state, re-dispatch dead sites, close deadlines."""
@@ -149,16 +256,16 @@ class Coordinator:
             self.recover_from_journal()
             self.redis.mark_alive()
         for exp in self.redis.experiments():
-            state = self.redis.load(exp)
-            if state is None or state.phase in sm.TERMINAL:
-                continue
-            try:
+            try:  # one broken experiment must not stop the others
+                state = self.redis.load(exp)
+                if state is None or state.phase in sm.TERMINAL:
+                    continue
                 self.advance(exp)
-            except Exception:  # noqa: BLE001 - one experiment must not stop the others
+            except Exception:  # noqa: BLE001
                 log.exception("advancing %s failed", exp)
 
     # ------------------------------------------------------------ the loop
-    def _advance_locked(self, state: sm.ExperimentState) -> sm.ExperimentState:
+    def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
         for _ in range(8 + 4 * state.rounds):  # bounded: each pass moves at least one step
             now = self.clock()
             seq_before = state.seq
@@ -174,7 +281,7 @@ class Coordinator:
             for action in sm.next_actions(state, now, beats, self.redis.idle_since()):
                 self._perform(state, action, now)
             changed = state.seq != seq_before
-            self._save(state, journal=changed)
+            self._save(state, journal=changed, fence=fence)
             if changed:
                 self._maybe_plot(state, now)
             if not changed:
@@ -199,12 +306,17 @@ class Coordinator:
         elif isinstance(action, sm.MergeFingerprints):
             try:
                 ref = self._merge_fingerprints(state, action.reports)
-            except FedError as exc:
-                sm.apply_failed(state, f"fingerprint merge: {exc}", now)
+            except (ServiceUnreachable, LockLost):
+                raise  # not the sites' fault: retried on the next pass
+            except Exception as exc:  # noqa: BLE001 - a crafted summary fails cleanly
+                sm.apply_failed(state, f"fingerprint merge: {_one_line(exc)}", now)
                 return
             sm.apply_merged(state, ref, now)
         elif isinstance(action, sm.Aggregate):
             self._aggregate(state, action, now)
+        elif isinstance(action, sm.GiveUp):
+            log.warning("giving up on %s in %s: %s", action.site, state.phase, action.reason)
+            sm.apply_gave_up(state, action.site, action.reason, now)
         elif isinstance(action, sm.Fail):
             sm.apply_failed(state, action.reason, now)
 
@@ -260,10 +372,14 @@ class Coordinator:
         )
         agg_s = res.seconds
         if result_ref is None:
-            # Too many updates quarantined: those sites redo the round (bounded by attempts).
+            # Too few acceptable updates. A quarantined site would only re-send the same
+            # stored update, so it is excluded from this round (not retried): the round
+            # closes once the others suffice, or the experiment fails naming why.
             for site, why in quarantined.items():
                 st = state.sites_status[site]
-                st.state, st.error, st.report = "failed", f"update quarantined: {why}", None
+                st.state, st.report = "failed", None
+                st.error, st.retryable = f"update quarantined: {why}", False
+            state.refused_reports += len(quarantined)
             log.warning("round %s not aggregated: %s", action.round, quarantined)
             return
         for site, why in quarantined.items():
@@ -276,6 +392,7 @@ class Coordinator:
             global_weights=result_ref,
             metrics={r.site_id: dict(r.metrics) for r in reports},
             num_cases={r.site_id: r.num_cases for r in reports},
+            weights=res.weights,
             opened_at=state.phase_opened_at,
             aggregation_s=agg_s,
         )
@@ -305,8 +422,11 @@ class Coordinator:
                     self.global_bucket,
                     key,
                     state.global_weights,
+                    cases=state.declared_cases,
+                    max_site_weight=state.max_site_weight,
+                    exact_architecture=state.method == "ffe",
+                    aggregation=state.aggregation,
                     min_participants=min(state.quorum, len(reports)) or 1,
-                    strict_shapes=state.method == "ffe",
                 )
             except IntegrityError:
                 existing = self.store.stat(self.global_bucket, key)
@@ -314,7 +434,13 @@ class Coordinator:
                     raise
         _, _, meta = read_file_header(self.store.get_file(existing))
         participants = [p for p in meta.get("participants", "").split(",") if p]
-        return AggregationResult(existing, participants or [r.site_id for r in reports])
+        try:
+            weights = {str(k): float(v) for k, v in json.loads(meta.get("weights", "{}")).items()}
+        except (ValueError, AttributeError):
+            weights = {}
+        return AggregationResult(
+            existing, participants or [r.site_id for r in reports], weights=weights
+        )
 
     def _write_final(self, state: sm.ExperimentState) -> None:
         if state.global_weights is None:
@@ -323,9 +449,10 @@ class Coordinator:
             "experiment_id": state.experiment_id,
             "global_weights": state.global_weights.model_dump(),
             "final_metrics": state.final_metrics,
+            "final_missing": state.final_missing,
             "rounds": [r.model_dump() for r in state.history],
         }
-        key = artifact_key(state.experiment_id, "final", 0, GLOBAL_SITE, "summary.json")
+        key = artifact_key(state.experiment_id, PHASE_FINAL, 0, GLOBAL_SITE, "summary.json")
         self._put_once_json(key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
@@ -367,9 +494,12 @@ class Coordinator:
                 self.redis.save(state)
         return state
 
-    def _save(self, state: sm.ExperimentState, journal: bool) -> None:
-        self.redis.save(state)
+    def _save(self, state: sm.ExperimentState, journal: bool, fence: Fence | None) -> None:
+        """Fenced: a holder that lost the lock raises LockLost before writing anything."""
+        self.redis.save(state, fence)
         if journal:
+            if fence is not None:
+                fence.check()
             self._journal(state)
 
     def _journal(self, state: sm.ExperimentState) -> None:
@@ -431,9 +561,13 @@ class Coordinator:
             if f"/{PHASE_JOURNAL}/" in k
         }
         for exp in sorted(prefixes):
-            if self.redis.load(exp) is not None:
+            try:  # one unreadable experiment must not keep the others from recovering
+                if self.redis.exists(exp):
+                    continue
+                state = self._latest_journal(exp)
+            except Exception:  # noqa: BLE001
+                log.exception("cannot restore %s from the journal", exp)
                 continue
-            state = self._latest_journal(exp)
             if state is not None:
                 _redispatch_unfinished(state)
                 self.redis.save(state)
@@ -445,6 +579,11 @@ class Coordinator:
                     state.round,
                 )
         return restored
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return (text if isinstance(exc, FedError) else f"{type(exc).__name__}: {text}")[:300]
 
 
 def _lower_priority() -> None:

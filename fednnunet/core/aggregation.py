@@ -106,3 +106,49 @@ def fedavg(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[
         acc.add(update, weight)
     first = updates[0][0]
     return acc.result({n: first[n].dtype for n in names})
+
+
+def capped_weights(cases: Mapping[str, int], max_share: float | None = None) -> dict[str, float]:
+    """Normalised FedAvg weights: proportional to each site's declared cases, no site
+    above ``max_share`` of the total (the excess is shared out in proportion to the
+    others' cases; when the cap is infeasible, i.e. ``max_share * n < 1``, all equal)."""
+    if not cases or any(n <= 0 for n in cases.values()):
+        raise ValueError(f"every site needs a positive case count, got {dict(cases)}")
+    total = float(sum(cases.values()))
+    weights = {s: n / total for s, n in cases.items()}
+    if max_share is None or max_share >= 1:
+        return weights
+    if max_share * len(cases) < 1:
+        return {s: 1.0 / len(cases) for s in cases}
+    capped: set[str] = set()
+    while True:
+        over = [s for s, w in weights.items() if s not in capped and w > max_share + 1e-12]
+        if not over:
+            return weights
+        capped.update(over)
+        free = 1.0 - max_share * len(capped)
+        rest = {s: cases[s] for s in cases if s not in capped}
+        rest_total = float(sum(rest.values()))
+        weights = {s: max_share for s in capped} | {
+            s: free * n / rest_total for s, n in rest.items()
+        }
+
+
+def trimmed_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], names: Iterable[str], trim: int
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise trimmed mean: per value, drop the ``trim`` lowest and highest
+    site values, average the rest (unweighted). Robust to ``trim`` arbitrary updates;
+    holds every update in memory (K x model), unlike the streaming FedAvg."""
+    if trim < 0 or len(updates) <= 2 * trim:
+        raise ValueError(f"trimming {trim} per side needs more than {2 * trim} updates")
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        first = updates[0][name]
+        if not first.is_floating_point():
+            out[name] = first.clone()
+            continue
+        stacked = torch.stack([u[name].to(torch.float64) for u in updates])
+        kept = stacked.sort(dim=0).values[trim : len(updates) - trim]
+        out[name] = kept.mean(dim=0).to(first.dtype)
+    return out

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fednnunet.messages import ArtifactRef, SiteReport
+from fednnunet.messages import ArtifactRef, Metrics, ShortText, SiteReport
 
 ExperimentPhase = Literal["fingerprint", "plan", "train", "validate", "done", "failed", "cancelled"]
 SiteState = Literal["pending", "queued", "running", "done", "failed", "late"]
@@ -34,7 +34,7 @@ class SiteStatus(BaseModel):
     dispatched_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
-    error: str | None = None
+    error: ShortText | None = None
     retryable: bool = True  # False: another attempt cannot help (e.g. a malformed dataset)
     report: SiteReport | None = None
 
@@ -45,8 +45,10 @@ class RoundRecord(BaseModel):
     late: list[str] = Field(default_factory=list)
     quarantined: dict[str, str] = Field(default_factory=dict)
     global_weights: ArtifactRef | None = None
-    metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    metrics: dict[str, Metrics] = Field(default_factory=dict)
     num_cases: dict[str, int] = Field(default_factory=dict)
+    # The normalised FedAvg weight each participant got (after any max_site_weight cap).
+    weights: dict[str, float] = Field(default_factory=dict)
     opened_at: float = 0.0
     closed_at: float = 0.0
     aggregation_s: float = 0.0
@@ -72,6 +74,9 @@ class ExperimentState(BaseModel):
     heartbeat_timeout_s: float = 60.0
     max_attempts: int = 3
     stop_after: Literal["fingerprint", "plan"] | None = None
+    # Largest share of the average one site may have (None: pure case weighting).
+    max_site_weight: float | None = None
+    aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)  # TrainingOptions as JSON
     phase: ExperimentPhase = "fingerprint"
     round: int = 0
@@ -82,11 +87,17 @@ class ExperimentState(BaseModel):
     sites_status: dict[str, SiteStatus] = Field(default_factory=dict)
     merged_fingerprint: ArtifactRef | None = None
     plans_sha256: dict[str, str] = Field(default_factory=dict)
+    # Training cases each site declared when it planned: its FedAvg weight for the whole
+    # experiment (a round report claiming another count is refused).
+    declared_cases: dict[str, int] = Field(default_factory=dict)
     global_weights: ArtifactRef | None = None
     history: list[RoundRecord] = Field(default_factory=list)
-    final_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
-    error: str | None = None
+    final_metrics: dict[str, Metrics] = Field(default_factory=dict)
+    # Site -> metric -> why it has no value (e.g. nnU-Net's NaN Dice for an absent label).
+    final_missing: dict[str, dict[str, str]] = Field(default_factory=dict)
+    error: ShortText | None = None
     ignored_reports: int = 0
+    refused_reports: int = 0
 
 
 # ---------------------------------------------------------------- actions
@@ -117,7 +128,15 @@ class Fail:
     reason: str
 
 
-Action = Dispatch | MergeFingerprints | Aggregate | Fail
+@dataclass(frozen=True)
+class GiveUp:
+    """A site used up its attempts without an answer: exclude it (quorum permitting)."""
+
+    site: str
+    reason: str
+
+
+Action = Dispatch | MergeFingerprints | Aggregate | Fail | GiveUp
 
 
 # ---------------------------------------------------------------- creation
@@ -133,7 +152,9 @@ def new_experiment(
     heartbeat_timeout_s: float = 60.0,
     max_attempts: int = 3,
     stop_after: Literal["fingerprint", "plan"] | None = None,
+    **more: Any,
 ) -> ExperimentState:
+    """A new experiment in its first phase; ``more``: further ExperimentState fields."""
     state = ExperimentState(
         experiment_id=experiment_id,
         method=method,
@@ -146,6 +167,7 @@ def new_experiment(
         max_attempts=max_attempts,
         created_at=now,
         stop_after=stop_after,
+        **more,
     )
     _open_phase(state, "fingerprint" if method == "ffe" else "plan", 0, now)
     return state
@@ -201,6 +223,61 @@ def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool
     return True
 
 
+def report_problem(state: ExperimentState, report: SiteReport, bucket_prefix: str) -> str | None:
+    """Why a (current, well-formed) report must be refused, or None.
+
+    The coordinator believes nothing it can check: the artifact must be the one object
+    of this experiment, phase, round and site in the site's own bucket, and a round's
+    case count must be the one the site declared when it planned.
+    """
+    from fednnunet.keys import site_artifact_key, site_bucket
+
+    if not report.ok:
+        return None
+    expected_key = site_artifact_key(
+        state.experiment_id, report.phase, report.round, report.site_id
+    )
+    ref = report.artifact
+    if expected_key is None:
+        if ref is not None:
+            return f"a {report.phase} report carries no artifact, got {ref.key!r}"
+    elif ref is None:
+        return f"a {report.phase} report must reference its artifact"
+    elif ref.bucket != site_bucket(bucket_prefix, report.site_id) or ref.key != expected_key:
+        return (
+            f"artifact s3://{ref.bucket}/{ref.key} is not this site's "
+            f"s3://{site_bucket(bucket_prefix, report.site_id)}/{expected_key}"
+        )
+    if report.phase == "plan" and report.num_cases < 1:
+        return "a plan report must declare the site's training cases (at least 1)"
+    if report.phase == "train":
+        declared = state.declared_cases.get(report.site_id)
+        if declared is not None and report.num_cases != declared:
+            return (
+                f"claims {report.num_cases} training cases in round {report.round}, "
+                f"declared {declared} when planning"
+            )
+    return None
+
+
+def apply_refused(state: ExperimentState, site: str, reason: str, now: float) -> None:
+    """A site's report was refused: the site failed this attempt (retries are bounded)."""
+    state.refused_reports += 1
+    st = state.sites_status.get(site)
+    if st is None or st.state in ("done", "late"):
+        return
+    st.state, st.error, st.report, st.finished_at = "failed", f"refused: {reason}", None, now
+
+
+def apply_gave_up(state: ExperimentState, site: str, reason: str, now: float) -> None:
+    """No more attempts for this site in this phase/round (quorum decides what follows)."""
+    st = state.sites_status.get(site)
+    if st is None or st.state in ("done", "late"):
+        return
+    st.state, st.error, st.retryable, st.finished_at = "failed", reason, False, now
+    state.seq += 1  # a decision worth journaling; the quorum check follows in the next pass
+
+
 def apply_merged(state: ExperimentState, ref: ArtifactRef, now: float) -> None:
     if state.phase != "fingerprint":
         return
@@ -212,6 +289,7 @@ def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
     """Close the plan phase: FFE requires identical plans everywhere."""
     reports = {s: st.report for s, st in state.sites_status.items() if st.report}
     state.plans_sha256 = {s: r.plans_sha256 or "" for s, r in reports.items()}
+    state.declared_cases = {s: r.num_cases for s, r in reports.items()}
     if state.method == "ffe" and len(set(state.plans_sha256.values())) != 1:
         return Fail(
             "FFE sites ended with different plans: "
@@ -234,8 +312,10 @@ def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) ->
 
 
 def apply_validated(state: ExperimentState, now: float) -> None:
-    state.final_metrics = {
-        s: dict(st.report.metrics) for s, st in state.sites_status.items() if st.report
+    reports = {s: st.report for s, st in state.sites_status.items() if st.report}
+    state.final_metrics = {s: dict(r.metrics) for s, r in reports.items()}
+    state.final_missing = {
+        s: dict(r.missing_metrics) for s, r in reports.items() if r.missing_metrics
     }
     _open_phase(state, "done", 0, now)
 
@@ -279,6 +359,12 @@ def next_actions(
     actions: list[Action] = []
     statuses = state.sites_status
 
+    def again(site: str, st: SiteStatus, why: str) -> Action:
+        # Every re-dispatch path counts attempts and ends: no site is asked forever.
+        if st.attempt >= state.max_attempts:
+            return GiveUp(site, f"{why} after {st.attempt} attempt(s)")
+        return Dispatch(site, state.phase, state.round, st.attempt + 1)
+
     for site, st in statuses.items():
         if st.state == "pending":
             actions.append(Dispatch(site, state.phase, state.round, 1))
@@ -290,19 +376,15 @@ def next_actions(
         ):
             # The worker is up and idle, yet never started the task: it was lost (e.g. the
             # worker died between acknowledging it and its first heartbeat).
-            actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+            actions.append(again(site, st, "task lost (worker idle)"))
         elif st.state == "running":
             last = max(heartbeats.get(site, 0.0), st.started_at or 0.0)
             if now - last > state.heartbeat_timeout_s:
                 # The worker died mid-task (its message was acked on receipt): send it again.
-                actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+                actions.append(again(site, st, "no heartbeat"))
 
     done = [s for s, st in statuses.items() if st.state == "done"]
-    exhausted = [
-        s
-        for s, st in statuses.items()
-        if st.state == "failed" and (st.attempt >= state.max_attempts or not st.retryable)
-    ]
+    exhausted = _exhausted(state)
     needed = len(state.sites) if _needs_all_sites(state) else state.quorum
     if len(state.sites) - len(exhausted) < needed:
         why = "; ".join(f"{s}: {statuses[s].error}" for s in sorted(exhausted))
@@ -310,6 +392,8 @@ def next_actions(
 
     reports = tuple(statuses[s].report for s in done if statuses[s].report)  # type: ignore[misc]
     all_done = len(done) == len(state.sites)
+    # Every site either answered or is out of attempts: nobody else will report.
+    settled = len(done) + len(exhausted) == len(state.sites)
     deadline_passed = (
         state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
     )
@@ -317,12 +401,22 @@ def next_actions(
         return [MergeFingerprints(reports)]
     if state.phase == "plan" and all_done:
         return []  # the coordinator closes it with apply_plans_checked (pure, no action needed)
-    if state.phase == "train" and (all_done or (deadline_passed and len(done) >= state.quorum)):
+    closing = (settled or deadline_passed) and len(done) >= state.quorum
+    if state.phase == "train" and (all_done or closing):
         late = tuple(s for s in state.sites if s not in done)
         return [Aggregate(state.round, reports, late)]
-    if state.phase == "validate" and (all_done or (deadline_passed and len(done) >= state.quorum)):
+    if state.phase == "validate" and (all_done or closing):
         return []
     return actions
+
+
+def _exhausted(state: ExperimentState) -> list[str]:
+    """Sites that failed this phase/round for good (no attempt left, or not retryable)."""
+    return [
+        s
+        for s, st in state.sites_status.items()
+        if st.state == "failed" and (st.attempt >= state.max_attempts or not st.retryable)
+    ]
 
 
 def phase_complete(state: ExperimentState, now: float) -> bool:
@@ -332,7 +426,9 @@ def phase_complete(state: ExperimentState, now: float) -> bool:
     done = sum(st.state == "done" for st in state.sites_status.values())
     if done == len(state.sites):
         return True
+    if state.phase != "validate" or done < state.quorum:
+        return False
     deadline_passed = (
         state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
     )
-    return state.phase == "validate" and deadline_passed and done >= state.quorum
+    return deadline_passed or done + len(_exhausted(state)) == len(state.sites)

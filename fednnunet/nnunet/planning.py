@@ -21,7 +21,7 @@ from typing import Any
 
 from fednnunet.errors import DatasetError
 from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
-from fednnunet.settings import require_nnunet_paths
+from fednnunet.settings import require_nnunet_paths, resolve_under
 
 # Plans fields that differ between sites planned from the same fingerprint. Measured on
 # nnU-Net 2.8.1: ``dataset_name`` and every configuration's ``batch_size`` (capped to 5 % of
@@ -182,7 +182,8 @@ def _plan_and_preprocess(
             extract_fingerprint_dataset(
                 dataset_id, num_processes=num_processes, clean=True, verbose=False
             )
-        plans_file = pp_folder / f"{plans_identifier}.json"
+        # Deleted and rewritten below: it must be a plain file inside this dataset's folder.
+        plans_file = resolve_under(pp_folder, f"{plans_identifier}.json")
         plans_file.unlink(missing_ok=True)
         overwrite = None if plans_identifier == "nnUNetPlans" else plans_identifier
         plans, _ = plan_experiment_dataset(dataset_id, overwrite_plans_name=overwrite)
@@ -213,3 +214,36 @@ def _plan_and_preprocess(
     except (AssertionError, FileNotFoundError, KeyError, ValueError) as exc:
         raise DatasetError(f"{name}: nnU-Net planning failed: {_one_line(exc)}") from exc
     return plans
+
+
+def training_case_count(
+    dataset_id: int, configuration: str, fold: int | str, plans_identifier: str = "nnUNetPlans"
+) -> int:
+    """How many cases the site's trainer will train on in ``fold``: its FedAvg weight,
+    declared at planning and fixed for the experiment.
+
+    Mirrors nnUNetTrainer.do_split (2.8.1): fold 'all' trains on every case; otherwise
+    the folds of ``splits_final.json``, which is written here exactly as do_split would
+    (seeded 5-fold split of the sorted identifiers) so that the trainer reads the same.
+    """
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    paths = require_nnunet_paths("nnUNet_preprocessed")
+    pp_folder = paths["nnUNet_preprocessed"] / _dataset_name(dataset_id)
+    plans = json.loads(resolve_under(pp_folder, f"{plans_identifier}.json").read_text())
+    data_id = plans["configurations"][configuration]["data_identifier"]
+    data_folder = resolve_under(pp_folder, data_id)
+    identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    if fold == "all":
+        return len(identifiers)
+    splits_file = pp_folder / "splits_final.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())
+    else:
+        splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
+        _write_json_atomic(splits_file, splits)
+    fold = int(fold)
+    if fold < len(splits):
+        return len(splits[fold]["train"])
+    return int(len(identifiers) * 0.8)  # nnU-Net's random 80:20 split for a missing fold

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fednnunet.errors import DatasetError, FedError
+from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.nnunet.env import temporary_env
-from fednnunet.settings import require_nnunet_paths
+from fednnunet.settings import require_nnunet_paths, resolve_under
 
 SIDECAR_NAME = "fednnunet_round.json"
 # nnU-Net writes checkpoint_latest.pth every ``save_every`` epochs on its own; a mid-round
@@ -45,6 +45,28 @@ def _nnunet_default_processes(n: int | None) -> Iterator[None]:
         yield
     finally:
         trainer_module.default_num_processes = old
+
+
+def resolve_trainer_class(name: str) -> type:
+    """The nnU-Net trainer class of that name; refused (never retried) unless it is
+    nnUNetTrainer or a subclass. nnU-Net's lookup returns *any* attribute of its trainer
+    modules by that name (2.8.1 then fails its own issubclass check with a TypeError)."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        cls = recursive_find_trainer_class_by_name(name)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        raise PolicyRefusal(f"trainer {name!r} is not an nnU-Net trainer class: {exc}") from None
+    if not is_nnunet_trainer(cls):
+        raise PolicyRefusal(f"trainer {name!r} is not a subclass of nnUNetTrainer")
+    return cls
+
+
+def is_nnunet_trainer(obj: object) -> bool:
+    """True for nnUNetTrainer and its subclasses only (not functions, modules, ...)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    return isinstance(obj, type) and issubclass(obj, nnUNetTrainer)
 
 
 def _parse_fold(fold: int | str) -> int | str:
@@ -100,8 +122,6 @@ class FederatedTrainingSession:
         several sites on one machine do not oversubscribe it.
         """
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
         paths = require_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
         if total_epochs < 1 or iterations_per_epoch < 1 or val_iterations_per_epoch < 1:
             raise FedError("total_epochs and (val_)iterations_per_epoch must be >= 1")
@@ -117,7 +137,7 @@ class FederatedTrainingSession:
         except (RuntimeError, AssertionError) as exc:
             raise DatasetError(f"dataset {dataset_id}: {exc}") from exc
         pp_base = paths["nnUNet_preprocessed"] / dataset_name
-        plans_file = pp_base / f"{plans_identifier}.json"
+        plans_file = resolve_under(pp_base, f"{plans_identifier}.json")
         if not plans_file.is_file():
             raise FedError(f"{plans_file} missing: run planning/preprocessing first")
         plans = json.loads(plans_file.read_text())
@@ -127,9 +147,7 @@ class FederatedTrainingSession:
                 f"configuration {configuration!r} not in {plans_file.name} "
                 f"(available: {', '.join(plans['configurations'])})"
             )
-        trainer_cls = recursive_find_trainer_class_by_name(trainer_name)
-        if trainer_cls is None:
-            raise FedError(f"nnU-Net trainer class {trainer_name!r} not found")
+        trainer_cls = resolve_trainer_class(trainer_name)
 
         # Same folder nnU-Net derives in nnUNetTrainer.__init__ (checked below).
         fold_dir = (

@@ -39,12 +39,39 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
-    """Parse nnUNetv2_train flags; keys match ``TrainingOptions`` where a field exists.
+# Flags of nnUNetv2_train that a federated run cannot honour, and why (refused, never
+# accepted and ignored).
+UNSUPPORTED_FLAGS = {
+    "continue_training": (
+        "--c is not needed: a federated run resumes by itself after a restart "
+        "(each site from its round checkpoint)"
+    ),
+    "only_run_validation": (
+        "--val is not supported: validation runs at every site after the last round"
+    ),
+    "val_with_best": (
+        "--val_best is not supported: sites validate the federation's final global model"
+    ),
+    "disable_checkpointing": (
+        "--disable_checkpointing is not supported: round checkpoints make a site's "
+        "restart lose nothing"
+    ),
+    "use_compressed": (
+        "--use_compressed is not supported: sites train from nnU-Net's default "
+        "(decompressed) preprocessed data"
+    ),
+    "pretrained_weights": (
+        "-pretrained_weights is not supported yet: start the federation from random "
+        "initialisation"
+    ),
+}
 
-    Returns ``trainer``, ``plans_identifier``, ``device``, ``export_npz`` (TrainingOptions
-    fields) plus ``pretrained_weights``, ``num_gpus``, ``continue_training``,
-    ``only_run_validation``, ``val_with_best``, ``disable_checkpointing``, ``use_compressed``.
+
+def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
+    """Parse nnUNetv2_train flags into ``TrainingOptions`` fields.
+
+    Returns ``trainer``, ``plans_identifier``, ``device`` and ``export_npz``; every other
+    flag of nnUNetv2_train is refused with the reason (:data:`UNSUPPORTED_FLAGS`).
     """
     args, unknown = _build_parser().parse_known_args(list(argv))
     if unknown:
@@ -56,22 +83,20 @@ def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
         )
     if args.device not in _DEVICES:
         raise FedError(f"-device must be one of {', '.join(_DEVICES)}, got {args.device!r}")
-    if args.c and args.val:
-        raise FedError("--c and --val cannot be used together")
-    if args.val_best and args.disable_checkpointing:
-        raise FedError("--val_best is not compatible with --disable_checkpointing")
-    if args.c and args.pretrained_weights is not None:
-        raise FedError("cannot both continue a training (--c) and load -pretrained_weights")
-    return {
-        "trainer": args.tr,
-        "plans_identifier": args.p,
-        "device": args.device,
-        "export_npz": args.npz,
-        "pretrained_weights": args.pretrained_weights,
-        "num_gpus": args.num_gpus,
+    given = {
         "continue_training": args.c,
         "only_run_validation": args.val,
         "val_with_best": args.val_best,
         "disable_checkpointing": args.disable_checkpointing,
         "use_compressed": args.use_compressed,
+        "pretrained_weights": args.pretrained_weights is not None,
+    }
+    refused = [UNSUPPORTED_FLAGS[k] for k, on in given.items() if on]
+    if refused:
+        raise FedError("; ".join(refused))
+    return {
+        "trainer": args.tr,
+        "plans_identifier": args.p,
+        "device": args.device,
+        "export_npz": args.npz,
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights, load_weights_file
-from fednnunet.errors import DatasetError, FedError
+from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
     GLOBAL_SITE,
     PHASE_FINGERPRINT,
@@ -30,6 +30,7 @@ from fednnunet.keys import (
 )
 from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
 from fednnunet.settings import Settings
+from fednnunet.site.policy import load_policy
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class SiteService:
         self.global_bucket = global_bucket(settings.bucket_prefix)
         self._sessions: dict[str, Any] = {}
         self._session_factory = session_factory
+        self.policy = load_policy(settings.site_policy)
+        if self.policy.max_upload_bytes is not None:
+            store.max_object_bytes = min(store.max_object_bytes, self.policy.max_upload_bytes)
 
     # ------------------------------------------------------------------ entry
     def handle(self, task: SiteTask) -> SiteReport:
@@ -62,6 +66,10 @@ class SiteService:
         t0 = time.perf_counter()
         if task.site_id != self.site_id:
             return self._fail(task, f"task for site {task.site_id} reached site {self.site_id}", t0)
+        refusal = self.policy.refusal(task)
+        if refusal is not None:
+            log.error("refused %s of %s: %s", task.phase, task.experiment_id, refusal)
+            return self._fail(task, f"refused by site policy: {refusal}", t0, retryable=False)
         if self.progress is not None:
             self.progress.begin(task.experiment_id, task.phase, task.round)
         try:
@@ -74,7 +82,7 @@ class SiteService:
             report = handler(task)
             report.seconds = time.perf_counter() - t0
             return report
-        except DatasetError as exc:
+        except (DatasetError, PolicyRefusal) as exc:
             log.error("%s failed: %s", task.phase, exc)
             return self._fail(task, str(exc), t0, retryable=False)
         except FedError as exc:
@@ -148,8 +156,13 @@ class SiteService:
         if self.settings.session == "standin":
             plans: dict = {"standin": self.settings.standin_model}
             digest = sha256_bytes(json.dumps(plans, sort_keys=True).encode())
+            num_cases = self._session(task).num_training_cases()
         else:
-            from fednnunet.nnunet.planning import plan_and_preprocess, plans_sha256
+            from fednnunet.nnunet.planning import (
+                plan_and_preprocess,
+                plans_sha256,
+                training_case_count,
+            )
 
             plans = plan_and_preprocess(
                 self.dataset_id,
@@ -159,10 +172,14 @@ class SiteService:
                 num_processes=2,
             )
             digest = plans_sha256(plans)
+            # The site's FedAvg weight for the whole experiment, declared once here.
+            num_cases = training_case_count(
+                self.dataset_id, opts.configuration, opts.fold, opts.plans_identifier
+            )
         ref = self.store.put_json(
             self.bucket, self._key(task, PHASE_PLAN, "plans.json"), plans, kind="plans"
         )
-        return self._report(task, artifact=ref, plans_sha256=digest)
+        return self._report(task, artifact=ref, plans_sha256=digest, num_cases=num_cases)
 
     def _session(self, task: SiteTask) -> Any:
         session = self._sessions.get(task.experiment_id)

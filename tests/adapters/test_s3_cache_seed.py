@@ -15,11 +15,11 @@ def test_uploaded_file_is_served_from_cache(stack, unique_id, tmp_path):
     src = tmp_path / "w.bin"
     src.write_bytes(b"weights" * 1000)
     ref = store.put_file("fedtest-store", f"{unique_id('k')}/w.bin", src)
-    assert (tmp_path / "cache" / ref.sha256).read_bytes() == src.read_bytes()
+    assert store.cache_path(ref).read_bytes() == src.read_bytes()
     src.write_bytes(b"changed later")  # the cache holds a copy, not the caller's file
     store.client = None  # any S3 request now fails: the read must come from the cache
     path = store.get_file(ref)
-    assert path == tmp_path / "cache" / ref.sha256
+    assert path == store.cache_path(ref)
     assert path.read_bytes() == b"weights" * 1000
 
 
@@ -30,6 +30,6 @@ def test_uploaded_bytes_with_cache_are_served_from_cache(stack, unique_id, tmp_p
     data = b"global" * 1000
     ref = store.put_bytes("fedtest-store", f"{unique_id('k')}/g.bin", data, cache=True)
     plain = store.put_bytes("fedtest-store", f"{unique_id('k')}/p.bin", b"not cached")
-    assert not (tmp_path / "cache" / plain.sha256).exists()
+    assert not store.cache_path(plain).exists()
     store.client = None  # any S3 request now fails: the read must come from the cache
     assert store.get_file(ref).read_bytes() == data

@@ -4,6 +4,10 @@ from fednnunet.messages import ArtifactRef, SiteReport
 REF = ArtifactRef(bucket="b", key="k", sha256="0" * 64, size=1)
 
 
+def H(letter: str) -> str:  # noqa: N802 - a plans hash made of one letter's code
+    return f"{ord(letter):064x}"
+
+
 def report(site, phase, round_=0, ok=True, **kw):
     return SiteReport(
         experiment_id="e",
@@ -51,7 +55,7 @@ def test_ffe_walks_through_every_phase():
     assert s.phase == "plan"
     dispatch_all(s)
     for site in "abc":
-        sm.apply_report(s, report(site, "plan", plans_sha256="x"), 4.0)
+        sm.apply_report(s, report(site, "plan", plans_sha256=H("x")), 4.0)
     assert sm.phase_complete(s, 4.0)
     assert sm.apply_plans_checked(s, 4.0) is None
     assert (s.phase, s.round) == ("train", 1)
@@ -79,7 +83,7 @@ def test_ffe_refuses_different_plans():
     sm.apply_merged(s, REF, 0.0)
     dispatch_all(s)
     for site, h in zip("abc", "xxy", strict=True):
-        sm.apply_report(s, report(site, "plan", plans_sha256=h), 1.0)
+        sm.apply_report(s, report(site, "plan", plans_sha256=H(h)), 1.0)
     failure = sm.apply_plans_checked(s, 1.0)
     assert isinstance(failure, sm.Fail) and "different plans" in failure.reason
 
@@ -89,7 +93,7 @@ def test_asym_starts_with_planning_and_accepts_different_plans():
     assert s.phase == "plan"
     dispatch_all(s)
     for site, h in zip("abc", "xyz", strict=True):
-        sm.apply_report(s, report(site, "plan", plans_sha256=h), 1.0)
+        sm.apply_report(s, report(site, "plan", plans_sha256=H(h)), 1.0)
     assert sm.apply_plans_checked(s, 1.0) is None and s.phase == "train"
 
 
@@ -97,7 +101,7 @@ def _to_train(quorum=2, deadline=30.0):
     s = new(method="asym", quorum=quorum, deadline=deadline)
     dispatch_all(s)
     for site in "abc":
-        sm.apply_report(s, report(site, "plan", plans_sha256="h"), 1.0)
+        sm.apply_report(s, report(site, "plan", plans_sha256=H("h")), 1.0)
     sm.apply_plans_checked(s, 1.0)
     dispatch_all(s, 1.0)
     return s

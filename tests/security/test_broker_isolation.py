@@ -287,7 +287,7 @@ PROJECT_WORKER = textwrap.dedent(
     import os
     import sys
 
-    from fednnunet.adapters.broker import make_celery
+    from fednnunet.adapters.broker import broker_user, make_celery
     from fednnunet.messages import SiteReport
     from fednnunet.settings import get_settings
     from workers.site_worker import send_report, worker_argv
@@ -300,7 +300,7 @@ PROJECT_WORKER = textwrap.dedent(
     @app.task(name="site.ping")
     def ping(token):
         report = SiteReport(experiment_id=token, site_id=SITE, phase="fingerprint", ok=True)
-        send_report(app, report)
+        send_report(app, report, broker_user(settings))
 
     if __name__ == "__main__":
         app.worker_main(worker_argv(settings, "INFO"))

@@ -51,7 +51,7 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     first = _service(settings, store, tmp_path / "w1").handle(task)
     assert first.ok, first.error
     assert first.metrics["layers_loaded"] == 4.0
-    assert (tmp_path / "cache" / ref.sha256).is_file()
+    assert store.cache_path(ref).is_file()
 
     # The worker died before its upload and before its checkpoint; the global is
     # gone from S3 too: the restarted worker must retrain from its verified copy.
@@ -69,8 +69,8 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     ref3 = store.put_bytes(gbucket, key3, encode_weights(build_state("tiny", 98)))
     svc = _service(settings, store, tmp_path / "w1")
     assert svc.handle(task.model_copy(update={"round": 3, "global_weights": ref3})).ok
-    assert (tmp_path / "cache" / ref3.sha256).is_file()
-    assert not (tmp_path / "cache" / ref.sha256).exists()
+    assert store.cache_path(ref3).is_file()
+    assert not store.cache_path(ref).exists()
     for key in store.list_keys(sbucket, ""):
         store.client.remove_object(sbucket, key)
     store.client.remove_bucket(sbucket)
