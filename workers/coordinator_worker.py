@@ -24,6 +24,7 @@ from fednnunet.adapters.broker import (
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.coordinator.service import Coordinator
+from fednnunet.errors import FedError
 from fednnunet.keys import CONTROL_QUEUE, COORDINATOR_QUEUE
 from fednnunet.messages import SiteReport, SiteTask
 from fednnunet.settings import Settings
@@ -96,7 +97,10 @@ def build_coordinator(
         except Exception as exc:  # noqa: BLE001
             coordinator.refuse(None, "start", f"invalid spec: {_one_line(exc)}", sender)
             return
-        coordinator.start(parsed, sender)
+        try:
+            coordinator.start(parsed, sender)
+        except FedError as exc:  # e.g. a site without a bucket: say why, do not retry
+            coordinator.refuse(parsed.experiment_id, "start", _one_line(exc), sender)
 
     @app.task(name=CANCEL_TASK, bind=True, acks_late=True, ignore_result=True)
     def cancel_experiment(self, experiment_id: str) -> None:

@@ -85,6 +85,11 @@ def site_s3_credentials(site: str, seed: str | None = None) -> tuple[str, str]:
     return site_user(site), derive_secret(seed or credential_seed(), "s3", site)
 
 
+def coordinator_s3_credentials(seed: str | None = None) -> tuple[str, str]:
+    """(access_key, secret_key) of the coordinator's scoped S3 identity."""
+    return COORDINATOR_USER, derive_secret(seed or credential_seed(), "s3", COORDINATOR_USER)
+
+
 def site_amqp_credentials(site: str, seed: str | None = None) -> tuple[str, str]:
     """(user, password) of a site's RabbitMQ user."""
     return site_user(site), derive_secret(seed or credential_seed(), "amqp", site)
@@ -135,6 +140,21 @@ def s3_identities(
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }
     ]
+    # The coordinator reads what sites upload and writes the global bucket, nothing else:
+    # it needs no admin keys (buckets are created here, at provisioning).
+    coord_access, coord_secret = coordinator_s3_credentials(seed)
+    glob = global_bucket(prefix)
+    coord_actions = [f"Read:{glob}", f"Write:{glob}", f"List:{glob}"]
+    for site in sites:
+        own = site_bucket(prefix, site)
+        coord_actions += [f"Read:{own}", f"List:{own}"]
+    identities.append(
+        {
+            "name": COORDINATOR_USER,
+            "credentials": [{"accessKey": coord_access, "secretKey": coord_secret}],
+            "actions": coord_actions,
+        }
+    )
     for site in sites:
         access, secret = site_s3_credentials(site, seed)
         if site_secrets and site in site_secrets:

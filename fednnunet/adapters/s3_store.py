@@ -181,6 +181,11 @@ class ArtifactStore:
                 try:
                     self.client.make_bucket(bucket)
                 except S3Error as exc:
+                    if exc.code == "AccessDenied":
+                        raise FedError(
+                            f"bucket {bucket} does not exist and this S3 identity may not "
+                            "create it: provision the site first (deploy/README.md)"
+                        ) from None
                     if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                         raise
 
@@ -235,21 +240,43 @@ class ArtifactStore:
             return self._same_or_error(existing, sha, len(data))
 
         def do() -> None:
-            self.client.put_object(
-                bucket,
-                key,
-                io.BytesIO(data),
-                len(data),
-                metadata={SHA_META: sha},
-                part_size=SINGLE_PUT_BYTES,
-            )
+            self._put_once(bucket, key, data, sha)
 
-        self._retry(f"put {bucket}/{key}", do)
+        try:
+            self._retry(f"put {bucket}/{key}", do)
+        except S3Error as exc:
+            if exc.code != "PreconditionFailed":
+                raise
+            # Another writer got there between our stat and our PUT: same bytes are fine.
+            existing = self.stat(bucket, key)
+            assert existing is not None
+            return self._same_or_error(existing, sha, len(data))
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
         self._log_egress(ref, kind)
         if cache:
             self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
         return ref
+
+    def _put_once(self, bucket: str, key: str, data: bytes, sha: str) -> None:
+        """One PUT that only creates: ``If-None-Match: *`` makes write-once atomic on
+        servers that support conditional writes (AWS, MinIO, SeaweedFS), so two writers
+        racing past the stat cannot both succeed with different bytes."""
+        if len(data) > SINGLE_PUT_BYTES or not hasattr(self.client, "_put_object"):
+            self.client.put_object(
+                bucket, key, io.BytesIO(data), len(data),
+                metadata={SHA_META: sha}, part_size=SINGLE_PUT_BYTES,
+            )  # fmt: skip
+            return
+        self.client._put_object(  # the public put_object cannot send If-None-Match
+            bucket,
+            key,
+            data,
+            {
+                "If-None-Match": "*",
+                "Content-Type": "application/octet-stream",
+                f"x-amz-meta-{SHA_META}": sha,
+            },
+        )
 
     def put_file(self, bucket: str, key: str, path: Path, kind: str = "blob") -> ArtifactRef:
         size = path.stat().st_size

@@ -179,7 +179,11 @@ def experiment_status(
         redis.heartbeats(experiment_id),
     )
     if as_json:
-        print(json.dumps(status_dict(*args), indent=2, default=str))
+        out = status_dict(*args)
+        counts, last = redis.refusals(experiment_id)
+        out["refused_messages"] = {"by_kind": counts, "latest": last[:10]}
+        out["final_missing_metrics"] = state.final_missing
+        print(json.dumps(out, indent=2, default=str))
     else:
         console.print(render(*args))
 

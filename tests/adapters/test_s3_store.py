@@ -73,3 +73,27 @@ def test_unreachable_s3_is_one_line(stack):
         dead.ping()
     assert str(err.value).startswith("S3 unreachable at http://127.0.0.1:1")
     assert "\n" not in str(err.value)
+
+
+def test_write_once_holds_when_two_writers_race_past_the_stat(stack, unique_id, monkeypatch):
+    """The PUT itself only creates (If-None-Match): a racing writer with other bytes is
+    refused even though its stat saw no object; the same bytes again are accepted."""
+    from fednnunet.errors import IntegrityError
+
+    store = ArtifactStore(stack, retry_total_s=5)
+    store.ensure_bucket("fedtest-store")
+    key = f"{unique_id('race')}/obj"
+    first = store.put_bytes("fedtest-store", key, b"first writer")
+    real_stat = store.stat
+    calls = {"n": 0}
+
+    def stat_misses_once(bucket, k):
+        calls["n"] += 1
+        return None if calls["n"] == 1 else real_stat(bucket, k)
+
+    monkeypatch.setattr(store, "stat", stat_misses_once)
+    with pytest.raises(IntegrityError):
+        store.put_bytes("fedtest-store", key, b"second writer")
+    calls["n"] = 0
+    assert store.put_bytes("fedtest-store", key, b"first writer") == first
+    assert store.get_bytes(first) == b"first writer"

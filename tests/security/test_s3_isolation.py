@@ -96,3 +96,14 @@ def test_wrong_secret_is_rejected(s3):
     bad = _client(get_settings(), access, "not-the-secret")
     code = _denied(lambda: bad.get_object(global_bucket(prefix), key).read())
     assert code in {"SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId"}
+
+
+def test_coordinator_identity_reads_sites_and_writes_only_the_global_bucket(s3, stack):
+    from fednnunet.adapters.provisioning import coordinator_s3_credentials
+
+    admin, _, prefix, key = s3
+    coord = _client(stack, *coordinator_s3_credentials())
+    assert coord.get_object(site_bucket(prefix, SITE_B), key).read() == b"site-b-private"
+    _put(coord, global_bucket(prefix), key + ".a", b"new global")
+    assert _denied(lambda: _put(coord, site_bucket(prefix, SITE_A), key + ".a", b"forged"))
+    assert _denied(lambda: coord.make_bucket(f"{prefix}-site-new{secrets.token_hex(2)}"))
