@@ -89,3 +89,8 @@ def parse_progress_routing_key(routing_key: str) -> tuple[str, str, str] | None:
     ):
         return None
     return experiment, site, kind
+
+
+def initial_weights_key(experiment: str) -> str:
+    """Round 0's global: the operator's pretrained model (``-pretrained_weights``)."""
+    return artifact_key(experiment, PHASE_TRAIN, 0, GLOBAL_SITE, "weights.safetensors")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from fednnunet.errors import FedError, SpecError
 from fednnunet.keys import EXPERIMENT_ID_RE, IDLE_EXPERIMENT, SITE_ID_RE
-from fednnunet.messages import TrainingOptions
+from fednnunet.messages import NAME_PATTERN, PYTHON_NAME_PATTERN, ArtifactRef, TrainingOptions
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
@@ -26,8 +26,8 @@ class ExperimentSpec(BaseModel):
     method: Literal["ffe", "asym"] = "ffe"
     rounds: int = Field(default=1000, ge=1, le=100_000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
-    trainer: str = "nnUNetTrainer"
-    plans_identifier: str = "nnUNetPlans"
+    trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
+    plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
     iterations_per_epoch: int = Field(default=250, ge=1)
     val_iterations_per_epoch: int = Field(default=50, ge=1)
     device: Literal["cuda", "cpu", "mps"] = "cuda"
@@ -43,6 +43,10 @@ class ExperimentSpec(BaseModel):
     # fedavg (case-weighted mean) or trimmed_mean (robust to a minority of bad updates).
     aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
     train_args: list[str] = Field(default_factory=list)
+    # A local nnU-Net checkpoint (``-pretrained_weights``): the federation's initial global
+    # model. The CLI uploads it to the global bucket and sets ``initial_weights``.
+    pretrained_weights: str | None = None
+    initial_weights: ArtifactRef | None = None
 
     @field_validator("experiment_id")
     @classmethod
@@ -81,6 +85,14 @@ class ExperimentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
+        if self.train_args:
+            from fednnunet.nnunet.train_args import pretrained_weights_arg
+
+            given = pretrained_weights_arg(self.train_args)
+            if given is not None:
+                if self.pretrained_weights not in (None, given):
+                    raise ValueError("pretrained_weights given twice, with different paths")
+                self.pretrained_weights = given
         if self.stop_after == "fingerprint" and self.method != "ffe":
             raise ValueError("stop_after=fingerprint only makes sense with method ffe")
         if self.quorum is not None and self.quorum > len(self.sites):
@@ -136,6 +148,8 @@ def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
         spec.training_options()
     except FedError as err:
         raise SpecError([f"train_args: {err}"]) from None
+    except ValidationError as err:
+        raise SpecError([f"train_args: {p}" for p in _problems(err)]) from None
     return spec
 
 

@@ -24,9 +24,30 @@ from fednnunet.settings import Settings, get_settings
 from fednnunet.spec import ExperimentSpec
 
 
-def submit(settings: Settings, spec: ExperimentSpec) -> None:
-    """Queue a start request for the coordinator (JSON over the broker)."""
+def submit(settings: Settings, spec: ExperimentSpec) -> ExperimentSpec:
+    """Queue a start request for the coordinator (JSON over the broker).
+
+    A ``pretrained_weights`` checkpoint on this machine is converted to safetensors and
+    uploaded as round 0's global first (the coordinator never reads a pickle).
+    """
+    if spec.pretrained_weights and spec.initial_weights is None:
+        spec = spec.model_copy(update={"initial_weights": upload_initial_weights(settings, spec)})
     send_control(settings, START_TASK, [spec.model_dump(mode="json")])
+    return spec
+
+
+def upload_initial_weights(settings: Settings, spec: ExperimentSpec):  # noqa: ANN201
+    from fednnunet.adapters.s3_store import ArtifactStore
+    from fednnunet.adapters.weights_codec import encode_weights
+    from fednnunet.keys import global_bucket, initial_weights_key
+    from fednnunet.nnunet.pretrained import checkpoint_weights
+
+    weights = checkpoint_weights(Path(spec.pretrained_weights or ""))
+    store = ArtifactStore(settings)
+    bucket = global_bucket(settings.bucket_prefix)
+    store.ensure_bucket(bucket)
+    data = encode_weights(weights, {"source": Path(spec.pretrained_weights or "").name})
+    return store.put_bytes(bucket, initial_weights_key(spec.experiment_id), data, "initial")
 
 
 def wait_for(

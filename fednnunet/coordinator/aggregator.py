@@ -129,6 +129,7 @@ def aggregate_round(
     exact_architecture: bool = True,
     aggregation: str = "fedavg",
     min_participants: int = 1,
+    previous_defines_model: bool = True,
 ) -> AggregationResult:
     """Average the verified, sane updates of ``reports`` into a new global object.
 
@@ -146,7 +147,8 @@ def aggregate_round(
     ref_norm: float | None = None
     if previous_global is not None:
         prev_path = store.get_file(previous_global)
-        reference = _signature(read_header(prev_path))
+        if previous_defines_model:
+            reference = _signature(read_header(prev_path))
         ref_norm = l2_norm(load_weights_file(prev_path))
 
     # 1. Fetch, verify, read each header (nothing from a site may stop the others).

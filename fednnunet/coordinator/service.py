@@ -36,6 +36,7 @@ from fednnunet.keys import (
     PHASE_TRAIN,
     artifact_key,
     global_bucket,
+    initial_weights_key,
     parse_progress_routing_key,
     site_bucket,
 )
@@ -109,6 +110,7 @@ class Coordinator:
         for site in spec.sites:
             self.store.ensure_bucket(site_bucket(self.settings.bucket_prefix, site))
         self.store.ensure_bucket(self.global_bucket)
+        initial = self._checked_initial_weights(spec)
         state = sm.new_experiment(
             spec.experiment_id,
             spec.method,
@@ -123,10 +125,25 @@ class Coordinator:
             stop_after=spec.stop_after,
             max_site_weight=spec.max_site_weight,
             aggregation=spec.aggregation,
+            global_weights=initial,
         )
         if self.redis.create(state):
             self._journal(state)
         return self.advance(spec.experiment_id)
+
+    def _checked_initial_weights(self, spec: ExperimentSpec) -> ArtifactRef | None:
+        """The pretrained initial global, only as round 0's object in the global bucket."""
+        ref = spec.initial_weights
+        if ref is None:
+            return None
+        want = initial_weights_key(spec.experiment_id)
+        actual = self.store.stat(self.global_bucket, want)
+        if ref.bucket != self.global_bucket or ref.key != want or actual != ref:
+            raise FedError(
+                f"initial weights must be s3://{self.global_bucket}/{want} as uploaded "
+                f"by the operator, got s3://{ref.bucket}/{ref.key}"
+            )
+        return ref
 
     def on_report(self, report: SiteReport, sender: str | None = None) -> None:
         """Handle a site's report. ``sender``: its broker-validated user (None: trusted
@@ -427,6 +444,9 @@ class Coordinator:
                     exact_architecture=state.method == "ffe",
                     aggregation=state.aggregation,
                     min_participants=min(state.quorum, len(reports)) or 1,
+                    # Round 1's previous global may be a pretrained model of another
+                    # task (another head): the sites' architecture decides, not it.
+                    previous_defines_model=state.round > 1,
                 )
             except IntegrityError:
                 existing = self.store.stat(self.global_bucket, key)

@@ -60,18 +60,22 @@ UNSUPPORTED_FLAGS = {
         "--use_compressed is not supported: sites train from nnU-Net's default "
         "(decompressed) preprocessed data"
     ),
-    "pretrained_weights": (
-        "-pretrained_weights is not supported yet: start the federation from random "
-        "initialisation"
-    ),
 }
+
+
+def pretrained_weights_arg(argv: Sequence[str]) -> str | None:
+    """The ``-pretrained_weights`` path, if given (the federation's initial global model)."""
+    args, _ = _build_parser().parse_known_args(list(argv))
+    return args.pretrained_weights
 
 
 def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
     """Parse nnUNetv2_train flags into ``TrainingOptions`` fields.
 
-    Returns ``trainer``, ``plans_identifier``, ``device`` and ``export_npz``; every other
-    flag of nnUNetv2_train is refused with the reason (:data:`UNSUPPORTED_FLAGS`).
+    Returns ``trainer``, ``plans_identifier``, ``device`` and ``export_npz``;
+    ``-pretrained_weights`` is read by :func:`pretrained_weights_arg` (the spec's initial
+    global model); every other flag of nnUNetv2_train is refused with the reason
+    (:data:`UNSUPPORTED_FLAGS`).
     """
     args, unknown = _build_parser().parse_known_args(list(argv))
     if unknown:
@@ -89,7 +93,6 @@ def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
         "val_with_best": args.val_best,
         "disable_checkpointing": args.disable_checkpointing,
         "use_compressed": args.use_compressed,
-        "pretrained_weights": args.pretrained_weights is not None,
     }
     refused = [UNSUPPORTED_FLAGS[k] for k, on in given.items() if on]
     if refused:

@@ -72,3 +72,35 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
         assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in entries)
     # Redis holds the state under the experiment's namespace.
     assert RedisState.from_settings(stack).load(spec.experiment_id).phase == "done"
+
+
+def test_pretrained_weights_are_every_sites_starting_point(stack, unique_id, tmp_path):
+    """``-pretrained_weights``: the operator's checkpoint becomes round 0's global."""
+    from fednnunet.site.standin import build_state
+
+    pretrained = build_state("tiny", 4242)
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {"_orig_mod." + k: v for k, v in pretrained.items()},
+                "trainer_name": "nnUNetTrainer"}, ckpt)  # fmt: skip
+    sites = {unique_id("p"): i for i in (21, 22)}
+    spec = parse_spec(
+        {"experiment_id": unique_id("exp-"), "sites": list(sites), "method": "asym",
+         "rounds": 1, "configuration": "2d", "device": "cpu", "heartbeat_timeout_s": 30,
+         "train_args": ["-pretrained_weights", str(ckpt)]}
+    )  # fmt: skip
+    env = {
+        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
+        "nnUNet_raw": str(tmp_path),
+        "nnUNet_preprocessed": str(tmp_path),
+        "nnUNet_results": str(tmp_path),
+    }
+    with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
+        spec = submit(stack, spec)
+        state = wait_for(stack, spec.experiment_id, 120, on_update=lambda *_: fed.check_alive())
+    assert state.phase == "done", state.error
+    assert spec.initial_weights is not None
+    initial = decode_weights(ArtifactStore(stack).get_bytes(spec.initial_weights))
+    assert all(torch.equal(initial[k], v) for k, v in pretrained.items())
+    for site in sites:  # every site loaded all four layers before its first epoch
+        assert state.history[0].metrics[site]["layers_loaded"] == 4.0

@@ -33,8 +33,7 @@ def test_flags_map_onto_training_options() -> None:
 
 @pytest.mark.parametrize(
     "flag",
-    [["--c"], ["--val"], ["--val_best"], ["--disable_checkpointing"], ["--use_compressed"],
-     ["-pretrained_weights", "/x/ckpt.pth"]],
+    [["--c"], ["--val"], ["--val_best"], ["--disable_checkpointing"], ["--use_compressed"]],
 )  # fmt: skip
 def test_flags_a_federation_cannot_honour_are_refused_with_the_reason(flag: list[str]) -> None:
     with pytest.raises(FedError, match=flag[0] + " is not"):
@@ -54,3 +53,39 @@ def test_flags_a_federation_cannot_honour_are_refused_with_the_reason(flag: list
 def test_rejections_name_the_problem(argv: list[str], match: str) -> None:
     with pytest.raises(FedError, match=match):
         parse_nnunet_train_args(argv)
+
+
+def test_pretrained_weights_become_the_specs_initial_model() -> None:
+    from fednnunet.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "sites": ["a"],
+            "train_args": ["-pretrained_weights", "/x/ckpt.pth", "-tr", "nnUNetTrainer"],
+        }
+    )
+    assert spec.pretrained_weights == "/x/ckpt.pth"
+    assert spec.training_options().trainer == "nnUNetTrainer"
+
+
+def test_checkpoint_weights_are_read_without_unpickling_objects(tmp_path) -> None:
+    import os
+
+    import torch
+
+    from fednnunet.nnunet.pretrained import checkpoint_weights
+
+    good = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": {"_orig_mod.a.weight": torch.ones(2)}, "epoch": 3}, good)
+    assert list(checkpoint_weights(good)) == ["a.weight"]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"network_weights": {"a": torch.ones(1)}, "x": Evil()}, bad)
+    with pytest.raises(FedError, match="not a loadable checkpoint"):
+        checkpoint_weights(bad)
+    with pytest.raises(FedError, match="not found"):
+        checkpoint_weights(tmp_path / "missing.pth")
