@@ -306,7 +306,10 @@ def merge_fingerprint_summaries(
     for ch in channels:
         merged = merge_channel_summaries([s["intensity_per_channel"][ch] for s in parsed])
         props[ch] = channel_statistics(merged, sketch)
-    geo = merge_geometry(parsed)
+    try:
+        geo = merge_geometry(parsed)
+    except (ValueError, ArithmeticError, AssertionError) as exc:  # never a hang or a crash
+        raise DatasetError(f"geometry merge failed: {' '.join(str(exc).split())[:300]}") from exc
     return {
         "spacings": geo["spacings"],
         "shapes_after_crop": geo["shapes_after_crop"],

@@ -235,3 +235,36 @@ def _check_channel(label: str, ch: str, c: ChannelSummary, n: int, limits: Summa
         raise FingerprintRejected(
             f"{where}: histogram mass {mass:g} differs from weight {c.weight:g}"
         )
+
+
+def describe_summary(summary: dict) -> list[str]:
+    """What a fingerprint summary tells the coordinator, in words (for the egress audit)."""
+    n = summary.get("num_cases", "?")
+    acc = summary.get("geometry_sketch", {}).get("relative_accuracy", "?")
+    lines = [f"fingerprint summary ({summary.get('schema', '?')}): {n} cases"]
+    for field, words in (
+        ("spacing", "spacing sketch"),
+        ("shape_after_crop", "shape-after-crop sketch"),
+        ("extent_mm", "physical extent sketch"),
+    ):
+        axes = summary.get(field) or []
+        if axes:
+            buckets = "/".join(str(len(a)) for a in axes)
+            lines.append(
+                f"{words}: {len(axes)} axes, {buckets} buckets (relative width {acc}), {n} cases"
+            )
+    rel = summary.get("relative_size_after_cropping")
+    if rel:
+        lines.append(f"relative-size sketch: {len(rel)} buckets, {n} cases")
+    for ch, c in sorted((summary.get("intensity_per_channel") or {}).items()):
+        h = c.get("hist", {})
+        nb = len(h.get("pos", {})) + len(h.get("neg", {})) + (1 if h.get("zero") else 0)
+        lines.append(
+            f"intensity channel {ch}: {nb} histogram buckets, mean/variance/min/max over "
+            f"{c.get('num_voxels', '?')} foreground voxels of {c.get('weight', 0):g} cases"
+        )
+    noise = (summary.get("noise") or {}).get("scale", 0.0)
+    lines.append(f"noise on sketch masses: Laplace scale {noise:g}" if noise else "no noise added")
+    if any(k in summary for k in ("spacings", "shapes_after_crop")):
+        lines.append("WARNING: per-case lists present (old schema)")
+    return lines
