@@ -131,7 +131,7 @@ def _check_geometry(
         if len(b) != 3 or not all(isinstance(x, int | float) and math.isfinite(x) for x in b):
             raise FingerprintRejected(f"{name}: {what} bucket {k} is not [mass, min, max] finite")
         mass, vmin, vmax = (float(x) for x in b)
-        if mass < 0 or mass > n:
+        if mass < 0 or mass > n * (1 + 1e-9):
             raise FingerprintRejected(f"{name}: {what} bucket {k} mass {mass} outside [0, {n}]")
         if not (lo <= vmin <= vmax <= hi):
             raise FingerprintRejected(

@@ -157,17 +157,19 @@ def order_statistic(
         raise DatasetError("empty geometry sketch")
     mass = math.fsum(b[0] for _, b in items)
     scale = total / mass
+    # Element ``rank`` occupies cumulative mass [rank, rank + 1); look up its centre, so
+    # that noisy masses (drift < 0.5 case) still find the same bucket.
+    centre = rank + 0.5
     cum = 0.0
     for i, (_, (m, lo, hi)) in enumerate(items):
         m = m * scale
         last = i == len(items) - 1
-        # tiny slack: float rescaling must not push a rank past its bucket
-        if rank < cum + m - 1e-9 or last:
+        if centre < cum + m or last:
             if lo == hi:
                 return lo, lo, hi
-            if rank - cum < 1.0 - 1e-9:
+            if centre - cum < 1.0:
                 return lo, lo, lo  # first element of the bucket is its minimum
-            if cum + m - rank <= 1.0 + 1e-9:
+            if cum + m - centre <= 1.0:
                 return hi, hi, hi  # last element is its maximum
             est = math.sqrt(lo * hi)  # log-midpoint of what the bucket holds
             return est, lo, hi

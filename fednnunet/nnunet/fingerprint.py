@@ -8,7 +8,9 @@ fixed-edge intensity histogram (see ``fednnunet.core.fingerprint_merge``). No vo
 
 Site policy (environment, read at extraction): ``FEDNNUNET_MIN_CASES`` (default 3) - a site
 with fewer training cases refuses to send statistics; ``FEDNNUNET_FINGERPRINT_NOISE``
-(default 0) - Laplace noise scale on every sketch mass (in cases).
+(default 0) - Laplace noise scale (in cases) on every geometry sketch mass. Intensity
+histograms are not noised: their masses are fractions of a case per bucket over thousands
+of buckets, so noise in case units swamps them (bench/b7_fingerprint_noise.py).
 
 Each case is read and cropped exactly as nnU-Net's ``DatasetFingerprintExtractor`` does
 (same reader/writer, ``crop_to_nonzero``, foreground = label > 0), but all foreground
@@ -93,22 +95,6 @@ def site_privacy_policy() -> tuple[int, float]:
     return min_cases, noise
 
 
-def _noisy_hist(hist: Mapping, scale: float, rng) -> dict:
-    """Laplace noise on intensity histogram masses (in cases), total kept (see add_noise)."""
-    keys = [("zero", None)] + [(side, k) for side in ("pos", "neg") for k in hist[side]]
-    masses = np.array([hist["zero"] if s == "zero" else hist[s][k] for s, k in keys])
-    total = float(masses.sum())
-    noisy = np.clip(masses + rng.laplace(0.0, scale, size=masses.size), 0.0, None)
-    if noisy.sum() <= 0:
-        return dict(hist)
-    noisy *= total / noisy.sum()
-    out: dict = {"zero": float(noisy[0]), "pos": {}, "neg": {}}
-    for (side, k), m in zip(keys[1:], noisy[1:], strict=True):
-        if m > 0:
-            out[side][k] = float(m)
-    return out
-
-
 def summarize_dataset(
     dataset_id: int,
     num_processes: int = 2,
@@ -157,10 +143,6 @@ def summarize_dataset(
     per_channel = {
         ch: merge_channel_summaries([c["channels"][ch] for c in cases]) for ch in channel_names
     }
-    if noise > 0:
-        for ch in per_channel.values():
-            if ch["weight"] > 0:
-                ch["hist"] = _noisy_hist(ch["hist"], noise, rng)
     summary = {
         "schema": SCHEMA,
         "dataset_name": name,
