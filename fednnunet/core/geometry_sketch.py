@@ -39,8 +39,8 @@ from fednnunet.errors import DatasetError
 GEOMETRY_SKETCH = {"kind": "log-bucket-minmax", "relative_accuracy": 1e-3}
 # nnU-Net's default (nnunetv2.configuration.ANISO_THRESHOLD); checked against it in tests.
 ANISOTROPY_THRESHOLD = 3
-# Synthetic lists need this many rows so that the 10th-percentile slots sit above the
-# rows that carry the resampled-shape medians (see synthetic_geometry).
+# Synthetic lists have this many rows (+1 for an even case count): enough that the
+# 10th-percentile slots sit above the rows that carry the resampled-shape medians.
 MIN_SYNTHETIC_ROWS = 21
 
 
@@ -264,8 +264,9 @@ def synthetic_geometry(
 ) -> tuple[list[list[float]], list[list[float]]]:
     """``spacings`` and ``shapes_after_crop`` lists that make nnU-Net plan as on the pool.
 
-    Per axis, with ``L`` rows (``n_cases``, at least :data:`MIN_SYNTHETIC_ROWS`, same parity
-    so the resampled-shape median averages the same two integers), rows are of five kinds:
+    Per axis, with ``L`` rows (21, or 22 when ``n_cases`` is even, so that the
+    resampled-shape median averages the same two integers as on the pool; nnU-Net never
+    uses the list length), rows are of five kinds:
 
     - D (1 or 2 rows): tiny spacing, huge shape chosen so ``round(s / t * h)`` is exactly
       the pooled middle resampled shape(s) -> bottom of spacings, top of shapes;
@@ -278,7 +279,7 @@ def synthetic_geometry(
     """
     n_axes = len(target)
     d = 1 if n_cases % 2 else 2
-    rows = n_cases if n_cases >= MIN_SYNTHETIC_ROWS else MIN_SYNTHETIC_ROWS + (d == 2)
+    rows = MIN_SYNTHETIC_ROWS + (d == 2)  # constant: the list length reveals nothing
     c10 = percentile_ranks(rows, 10)[1]
     c50 = percentile_ranks(rows, 50)[1]
     n_a, n_b = c10 - d + 1, c50 - c10
