@@ -168,3 +168,28 @@ def test_case_cap_is_configurable() -> None:
     merge_fingerprint_summaries([s])
     with pytest.raises(FingerprintRejected, match="cap of 3"):
         merge_fingerprint_summaries([s], SummaryLimits(max_cases=3))
+
+
+def test_small_noise_passes_the_schema_and_leaves_planner_inputs_unchanged() -> None:
+    """bench/b7: Laplace scale 0.05 (cases) on geometry masses left the plans unchanged."""
+    from fednnunet.core.geometry_sketch import summarize_geometry
+
+    rng = np.random.default_rng(11)
+    sites = federation("mixed", rng)
+    exact = [with_geometry(f"s{i}", sp, sh, rng) for i, (sp, sh) in enumerate(sites)]
+    noisy = []
+    for s, (sp, sh) in zip(exact, sites, strict=True):
+        geo = [
+            {"spacing": a, "shape_after_crop": b, "relative_size_after_cropping": 0.5}
+            for a, b in zip(sp, sh, strict=True)
+        ]
+        n = dict(s, noise={"scale": 0.05})
+        n.update(json.loads(json.dumps(summarize_geometry(geo, noise=0.05, rng=rng))))
+        noisy.append(n)
+    a = merge_fingerprint_summaries(exact)["fednnunet"]["geometry"]
+    b = merge_fingerprint_summaries(noisy)["fednnunet"]["geometry"]
+    assert any(
+        m[0] % 1 for s in noisy for ax in s["shape_after_crop"] for m in ax.values()
+    )  # masses really are noisy
+    for key in ("median_spacing", "target_spacing", "median_shape_after_resampling"):
+        assert a[key] == b[key], key
