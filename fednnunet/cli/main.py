@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from fednnunet.cli.egress import site_app
 from fednnunet.errors import FedError, SpecError
 from fednnunet.settings import Settings, get_settings
 
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 experiment_app = typer.Typer(help="Start, watch and control experiments.", no_args_is_help=True)
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(site_app, name="site")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -20,6 +20,10 @@ smallest value whose cumulative weight reaches the target), the estimate satisfi
 with ``|x| <= min_abs`` are collapsed to 0 (absolute error <= ``min_abs``). Estimates
 are clamped to the exact pooled [min, max].
 
+Scan geometry (spacings, shapes after crop, relative sizes) travels as per-axis sketches
+too, never as per-case lists; ``fednnunet.core.geometry_sketch`` explains how the pooled
+planner inputs are recovered from them and handed to nnU-Net's unchanged planner.
+
 Everything here is pure: numpy and plain JSON-compatible dicts, no I/O.
 """
 
@@ -30,9 +34,24 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fednnunet.core.fingerprint_schema import (
+    SCHEMA,
+    FingerprintRejected,
+    SummaryLimits,
+    validate_summary,
+)
+from fednnunet.core.geometry_sketch import (
+    GeometryQuery,
+    merge_sketches,
+    percentile_ranks,
+    resampled_shape_ranks,
+    synthetic_geometry,
+    target_spacing,
+)
 from fednnunet.errors import DatasetError
 
-SCHEMA = "fednnunet.fingerprint_summary/1"
+__all__ = ["SCHEMA", "FingerprintRejected", "SummaryLimits", "merge_fingerprint_summaries"]
+MERGED_SCHEMA = "fednnunet.merged_fingerprint/2"
 DEFAULT_SKETCH = {"kind": "ddsketch-log", "relative_accuracy": 1e-3, "min_abs": 1e-8}
 # nnU-Net's percentiles (fingerprint_extractor.py): 0.5, 50, 99.5.
 _QUANTILES = {"percentile_00_5": 0.005, "median": 0.5, "percentile_99_5": 0.995}
@@ -196,53 +215,113 @@ def _site_name(s: Mapping, i: int) -> str:
     return str(s.get("dataset_name") or f"site #{i}")
 
 
-def validate_compatible(summaries: Sequence[Mapping]) -> None:
-    """Raise DatasetError (one line) unless all sites describe the same kind of dataset."""
+def validate_compatible(
+    summaries: Sequence[Mapping], limits: SummaryLimits = SummaryLimits()
+) -> list[dict]:
+    """Strictly parse every summary and check that all describe the same kind of dataset.
+
+    Raises a one-line :class:`~fednnunet.errors.FedError` (``FingerprintRejected`` for a
+    summary that breaks the schema or a range, ``DatasetError`` for incompatible sites).
+    """
     if not summaries:
         raise DatasetError("no fingerprint summaries to merge")
-    for i, s in enumerate(summaries):
-        if s.get("schema") != SCHEMA:
-            raise DatasetError(
-                f"{_site_name(s, i)}: fingerprint summary schema {s.get('schema')!r}, "
-                f"expected {SCHEMA!r}"
-            )
-    ref = summaries[0]
-    for field in ("channel_names", "labels", "file_ending", "sketch"):
-        for i, s in enumerate(summaries[1:], start=1):
+    parsed = [validate_summary(s, limits, i) for i, s in enumerate(summaries)]
+    ref = parsed[0]
+    for field in ("channel_names", "labels", "file_ending", "sketch", "geometry_sketch"):
+        for i, s in enumerate(parsed[1:], start=1):
             if s.get(field) != ref.get(field):
                 raise DatasetError(
                     f"sites disagree on {field}: {_site_name(ref, 0)} has {ref.get(field)!r}, "
                     f"{_site_name(s, i)} has {s.get(field)!r}"
                 )
-    for i, s in enumerate(summaries):
-        n = s["num_cases"]
-        if not (len(s["spacings"]) == len(s["shapes_after_crop"]) == n) or n == 0:
-            raise DatasetError(f"{_site_name(s, i)}: inconsistent or empty case lists")
-        if set(s["intensity_per_channel"]) != set(ref["channel_names"]):
-            raise DatasetError(f"{_site_name(s, i)}: intensity summary lacks some channels")
+    if any(len(s["spacing"]) != len(ref["spacing"]) for s in parsed):
+        raise DatasetError("sites disagree on the number of image axes")
+    total = sum(s["num_cases"] for s in parsed)
+    if total > limits.max_cases:
+        raise FingerprintRejected(f"{total} cases in all exceeds the cap of {limits.max_cases}")
+    return parsed
 
 
-def merge_fingerprint_summaries(summaries: Sequence[Mapping]) -> dict:
-    """One ``dataset_fingerprint.json``-compatible dict for the pooled federation.
+def merge_geometry(summaries: Sequence[Mapping]) -> dict:
+    """Pooled planner inputs from geometry sketches, as nnU-Net computes them on the pool.
 
-    Spacings and shapes are concatenated in the given site order; intensity statistics
-    and the median relative size are order-independent.
+    Returns the synthetic ``spacings``/``shapes_after_crop`` lists, the pooled
+    ``median_relative_size_after_cropping`` and a record of the aggregates (and of any
+    order statistic the sketches could not pin down exactly).
     """
-    validate_compatible(summaries)
-    sketch = summaries[0]["sketch"]
-    channels = sorted(summaries[0]["channel_names"], key=int)
+    n = int(sum(s["num_cases"] for s in summaries))
+    n_axes = len(summaries[0]["spacing"])
+    q = GeometryQuery(n)
+
+    def merged(field: str, ax: int | None = None) -> dict:
+        return merge_sketches(s[field] if ax is None else s[field][ax] for s in summaries)
+
+    s50 = [q.percentile(merged("spacing", a), 50, f"spacing axis {a}") for a in range(n_axes)]
+    s10 = [q.percentile(merged("spacing", a), 10, f"spacing axis {a}") for a in range(n_axes)]
+    h50 = [
+        q.percentile(merged("shape_after_crop", a), 50, f"shape axis {a}") for a in range(n_axes)
+    ]
+    target = target_spacing(s50, s10, h50)
+    mid_ranks = percentile_ranks(n, 50)
+    mids = []
+    for a in range(n_axes):
+        by_rank = resampled_shape_ranks(
+            merged("extent_mm", a), mid_ranks, float(target[a]), q, f"extent axis {a}"
+        )
+        mids.append([by_rank[r] for r in sorted(set(mid_ranks))] * (2 if n % 2 else 1))
+    rel = q.percentile(merged("relative_size_after_cropping"), 50, "relative size")
+    spacings, shapes = synthetic_geometry(n, s50, s10, h50, mids, target)
+    return {
+        "spacings": spacings,
+        "shapes_after_crop": shapes,
+        "median_relative_size_after_cropping": rel,
+        "aggregates": {
+            "num_cases": n,
+            "median_spacing": s50,
+            "percentile_10_spacing": s10,
+            "median_shape_after_crop": h50,
+            "target_spacing": [float(t) for t in target],
+            "median_shape_after_resampling": [float(np.mean(m)) for m in mids],
+            "median_relative_size_after_cropping": rel,
+            "approximate": q.approximate,
+        },
+    }
+
+
+def merge_fingerprint_summaries(
+    summaries: Sequence[Mapping], limits: SummaryLimits = SummaryLimits()
+) -> dict:
+    """One ``dataset_fingerprint.json`` for nnU-Net's unchanged planner, from aggregates only.
+
+    ``spacings`` and ``shapes_after_crop`` are synthetic (see
+    :func:`fednnunet.core.geometry_sketch.synthetic_geometry`): nnU-Net's planner computes
+    from them exactly the pooled medians/percentiles, yet no entry is a site's case. The
+    extra ``fednnunet`` key (ignored by nnU-Net) records the aggregates and whether any
+    was approximate. Order-independent.
+    """
+    parsed = validate_compatible(summaries, limits)
+    sketch = parsed[0]["sketch"]
+    channels = sorted(parsed[0]["channel_names"], key=int)
     props = {}
     for ch in channels:
-        merged = merge_channel_summaries([s["intensity_per_channel"][ch] for s in summaries])
+        merged = merge_channel_summaries([s["intensity_per_channel"][ch] for s in parsed])
         props[ch] = channel_statistics(merged, sketch)
-    rel = [r for s in summaries for r in s["relative_sizes_after_cropping"]]
+    try:
+        geo = merge_geometry(parsed)
+    except (ValueError, ArithmeticError, AssertionError) as exc:  # never a hang or a crash
+        raise DatasetError(f"geometry merge failed: {' '.join(str(exc).split())[:300]}") from exc
     return {
-        "spacings": [list(map(float, sp)) for s in summaries for sp in s["spacings"]],
-        "shapes_after_crop": [
-            list(map(int, sh)) for s in summaries for sh in s["shapes_after_crop"]
-        ],
+        "spacings": geo["spacings"],
+        "shapes_after_crop": geo["shapes_after_crop"],
         "foreground_intensity_properties_per_channel": props,
-        "median_relative_size_after_cropping": float(np.median(rel)),
+        "median_relative_size_after_cropping": geo["median_relative_size_after_cropping"],
+        "fednnunet": {
+            "schema": MERGED_SCHEMA,
+            "num_sites": len(parsed),
+            "geometry": geo["aggregates"],
+            "note": "spacings/shapes_after_crop are synthetic rows reproducing the pooled "
+            "percentiles nnU-Net's planner reads; no row is a case",
+        },
     }
 
 

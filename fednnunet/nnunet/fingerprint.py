@@ -1,10 +1,16 @@
 """Site-side fingerprint: nnU-Net's own ``dataset_fingerprint.json`` plus a mergeable summary.
 
-The summary (schema ``fednnunet.fingerprint_summary/1``) is what leaves the site. It holds
-what nnU-Net's fingerprint already shares (spacings, shapes after crop, intensity
-statistics) in mergeable form: exact per-channel moments, min/max and a fixed-edge
-intensity histogram (see ``fednnunet.core.fingerprint_merge``), plus per-case relative
-sizes after cropping. No voxel values are included.
+The summary (schema ``fednnunet.fingerprint_summary/2``) is what leaves the site. It holds
+only aggregates, never a per-case list: per-axis sketches of spacing, shape after crop and
+physical extent, a sketch of relative size after cropping (see
+``fednnunet.core.geometry_sketch``), and per channel exact moments, min/max and a
+fixed-edge intensity histogram (see ``fednnunet.core.fingerprint_merge``). No voxel values.
+
+Site policy (environment, read at extraction): ``FEDNNUNET_MIN_CASES`` (default 3) - a site
+with fewer training cases refuses to send statistics; ``FEDNNUNET_FINGERPRINT_NOISE``
+(default 0) - Laplace noise scale (in cases) on every geometry sketch mass. Intensity
+histograms are not noised: their masses are fractions of a case per bucket over thousands
+of buckets, so noise in case units swamps them (bench/b7_fingerprint_noise.py).
 
 Each case is read and cropped exactly as nnU-Net's ``DatasetFingerprintExtractor`` does
 (same reader/writer, ``crop_to_nonzero``, foreground = label > 0), but all foreground
@@ -28,6 +34,8 @@ from fednnunet.core.fingerprint_merge import (
     merge_channel_summaries,
     summarize_channel_cases,
 )
+from fednnunet.core.fingerprint_schema import validate_summary
+from fednnunet.core.geometry_sketch import GEOMETRY_SKETCH, summarize_geometry
 from fednnunet.errors import DatasetError
 from fednnunet.nnunet.env import temporary_env
 from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
@@ -72,10 +80,34 @@ def _run_nnunet_extractor(dataset_id: int, num_processes: int) -> dict:
     return fpe.run(overwrite_existing=True)
 
 
+DEFAULT_MIN_CASES = 3
+
+
+def site_privacy_policy() -> tuple[int, float]:
+    """``(min_cases, fingerprint_noise)`` from the site's environment (clear error if bad)."""
+    try:
+        min_cases = int(os.environ.get("FEDNNUNET_MIN_CASES", DEFAULT_MIN_CASES))
+        noise = float(os.environ.get("FEDNNUNET_FINGERPRINT_NOISE", 0.0))
+    except ValueError as exc:
+        raise DatasetError(f"bad site privacy setting: {exc}") from None
+    if min_cases < 1 or not (0.0 <= noise < float("inf")):
+        raise DatasetError("FEDNNUNET_MIN_CASES must be >= 1 and FEDNNUNET_FINGERPRINT_NOISE >= 0")
+    return min_cases, noise
+
+
 def summarize_dataset(
-    dataset_id: int, num_processes: int = 2, sketch: Mapping = DEFAULT_SKETCH
+    dataset_id: int,
+    num_processes: int = 2,
+    sketch: Mapping = DEFAULT_SKETCH,
+    min_cases: int | None = None,
+    fingerprint_noise: float | None = None,
+    rng=None,
 ) -> dict:
-    """The mergeable site summary; nnU-Net paths must already point at the dataset."""
+    """The mergeable site summary; nnU-Net paths must already point at the dataset.
+
+    Refuses (DatasetError) with fewer than ``min_cases`` training cases: below a minimum
+    cohort even aggregates describe individual patients.
+    """
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.paths import nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -90,6 +122,14 @@ def summarize_dataset(
     if not dataset:
         raise DatasetError(f"{name}: no training cases found in {folder}")
     keys = list(dataset)
+    policy_min, policy_noise = site_privacy_policy()
+    min_cases = policy_min if min_cases is None else min_cases
+    noise = policy_noise if fingerprint_noise is None else fingerprint_noise
+    if len(keys) < min_cases:
+        raise DatasetError(
+            f"{name}: {len(keys)} training cases, fewer than the minimum cohort of "
+            f"{min_cases}; this site does not contribute statistics"
+        )
     rw_class = determine_reader_writer_from_dataset_json(ds_json, dataset[keys[0]]["images"][0])
     args = [(dataset[k]["images"], dataset[k]["label"], rw_class, dict(sketch)) for k in keys]
     if num_processes > 1 and len(keys) >= POOL_MIN_CASES:
@@ -99,10 +139,11 @@ def summarize_dataset(
         cases = [summarize_case(*a) for a in args]
 
     channel_names = ds_json.get("channel_names", ds_json.get("modality"))
+    rng = rng if rng is not None else np.random.default_rng()
     per_channel = {
         ch: merge_channel_summaries([c["channels"][ch] for c in cases]) for ch in channel_names
     }
-    return {
+    summary = {
         "schema": SCHEMA,
         "dataset_name": name,
         "num_cases": len(cases),
@@ -110,11 +151,12 @@ def summarize_dataset(
         "labels": dict(ds_json["labels"]),
         "file_ending": ds_json["file_ending"],
         "sketch": dict(sketch),
-        "spacings": [c["spacing"] for c in cases],
-        "shapes_after_crop": [c["shape_after_crop"] for c in cases],
-        "relative_sizes_after_cropping": [c["relative_size_after_cropping"] for c in cases],
+        "geometry_sketch": dict(GEOMETRY_SKETCH),
+        **summarize_geometry(cases, GEOMETRY_SKETCH, noise, rng),
         "intensity_per_channel": per_channel,
+        "noise": {"scale": float(noise)},
     }
+    return validate_summary(json.loads(json.dumps(summary, allow_nan=False)))
 
 
 REQUIRED_DATASET_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -180,6 +222,8 @@ def extract_site_fingerprint(
     raw_root: Path | None = None,
     preprocessed_root: Path | None = None,
     run_nnunet: bool = True,
+    min_cases: int | None = None,
+    fingerprint_noise: float | None = None,
 ) -> dict:
     """Run nnU-Net's fingerprint extraction locally and return the mergeable site summary.
 
@@ -198,7 +242,11 @@ def extract_site_fingerprint(
             )
             if run_nnunet:
                 _run_nnunet_extractor(dataset_id, num_processes)
-            summary = summarize_dataset(dataset_id, num_processes)
+            summary = summarize_dataset(
+                dataset_id, num_processes, min_cases=min_cases, fingerprint_noise=fingerprint_noise
+            )
+        except DatasetError:
+            raise
         except (RuntimeError, FileNotFoundError, KeyError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DatasetError(f"fingerprint of dataset {dataset_id} failed: {first}") from e
