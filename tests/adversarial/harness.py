@@ -82,10 +82,14 @@ def open_consortium(base: Settings, tmp: Path) -> Consortium:
     access, secret = f"adm{tag}", secrets.token_hex(16)
     s3 = PrivateS3(tmp / "s3", free_port_block(), access, secret)
     s3.start()
-    db = claim_redis_db(base.redis_url, tag)
     coord_user, coord_pw, seed = f"coordinator-{tag}", secrets.token_hex(12), secrets.token_hex(8)
     site_ids = [f"{short}{tag}" for short in (*HONEST, EVIL)]
-    _import_broker_definitions(tmp, vhost, site_ids, coord_user, coord_pw, seed)
+    try:
+        db = claim_redis_db(base.redis_url, tag)
+        _import_broker_definitions(tmp, vhost, site_ids, coord_user, coord_pw, seed)
+    except BaseException:
+        s3.stop()  # no server left behind
+        raise
     common = dict(
         redis_url=base.redis_url.rsplit("/", 1)[0] + f"/{db}",
         s3_endpoint=s3.endpoint,
@@ -156,13 +160,15 @@ def close_consortium(c: Consortium) -> None:
     import redis
 
     users = ",".join(f'<<"{u}">>' for u in c.users)
-    rabbitmqctl(
-        "eval",
-        f'[rabbit_auth_backend_internal:delete_user(U, <<"cli">>) || U <- [{users}]], '
-        f'rabbit_vhost:delete(<<"{c.vhost}">>, <<"cli">>).',
-    )
-    redis.Redis.from_url(c.coordinator.redis_url).flushdb()
-    c.s3.stop()
+    try:
+        rabbitmqctl(
+            "eval",
+            f'[rabbit_auth_backend_internal:delete_user(U, <<"cli">>) || U <- [{users}]], '
+            f'rabbit_vhost:delete(<<"{c.vhost}">>, <<"cli">>).',
+        )
+        redis.Redis.from_url(c.coordinator.redis_url).flushdb()
+    finally:
+        c.s3.stop()
 
 
 def honest_federation(c: Consortium) -> LocalFederation:
