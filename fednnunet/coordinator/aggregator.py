@@ -217,7 +217,10 @@ def aggregate_round(
         del updates
         full = join_aliases(averaged, {a: c for a, c in aliases.items() if c in averaged})
     else:
-        full, _ = average_files(paths, [weights[s] for s in participants], shared, aliases)
+        # Without a cap, the raw case counts (same result, and bit-identical to a plain
+        # case-weighted FedAvg); with one, the capped shares.
+        factors = weights if max_site_weight is not None else declared
+        full, _ = average_files(paths, [factors[s] for s in participants], shared, aliases)
     # Serialized in memory and uploaded from there (one hash pass, no temporary file);
     # the store keeps a verified copy, so next round's screening downloads nothing.
     meta = {
