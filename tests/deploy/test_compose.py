@@ -275,14 +275,23 @@ def _pins(text: str) -> dict[str, str]:
     return dict(re.findall(r"\b(torch|torchvision)==([0-9][0-9A-Za-z.+]*)", text))
 
 
-@pytest.mark.parametrize("dockerfile", ["docker/runtime.Dockerfile", "Dockerfile.cuda"])
-def test_dockerfile_pins_match_pyproject(dockerfile):
+def test_cuda_dockerfile_pins_match_pyproject():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     want = _pins(" ".join(deps))
     assert set(want) == {"torch", "torchvision"}
-    text = (DEPLOY / dockerfile).read_text()
+    text = (DEPLOY / "Dockerfile.cuda").read_text()
     assert _pins(text) == want
     assert re.search(r"pip install\b.*\s\.( |$)", text, re.M)
+
+
+def test_runtime_image_installs_the_host_lock():
+    """Versions come from pyproject.toml through build.sh's lock, not from the Dockerfile."""
+    text = (DEPLOY / "docker" / "runtime.Dockerfile").read_text()
+    assert not _pins(text), "pins live in pyproject.toml (runtime.lock), not here"
+    assert '-r "${WHEELS}runtime.lock"' in text
+    assert re.search(r"pip install --no-index --no-deps .*\s\.( |$)", text, re.M)
+    build = (DEPLOY / "docker" / "build.sh").read_text()
+    assert '"$REPO/pyproject.toml"' in build and "lock runtime" in build
 
 
 def test_committed_policies_are_current():
