@@ -126,8 +126,9 @@ wait_healthy() {
       [[ "$status" == healthy ]] || ok=0
     done
     for name in coordinator site-901 site-902 site-903; do
-      cid="$(compose ps -q "$name")"
-      [[ "$(docker inspect -f '{{.State.Running}}' "$cid" 2>/dev/null)" == true ]] || ok=0
+      # ready = the Celery worker consumes its queue (torch import takes a while);
+      # `experiment start --watch` gives up if the coordinator is not consuming yet
+      compose logs --no-color --tail=200 "$name" 2>/dev/null | grep -q "@.* ready\." || ok=0
     done
     [[ $ok -eq 1 ]] && return 0
     sleep 1
@@ -135,7 +136,7 @@ wait_healthy() {
   log "stack not healthy after 240 s"; compose ps >&2; return 1
 }
 wait_healthy
-log "compose up -> healthy in $(since "$T") s"
+log "compose up -> healthy, coordinator and sites ready in $(since "$T") s"
 
 # ------------------------------------------------------------------ experiment
 EXP="demo-$(date +%Y%m%d-%H%M%S)"
@@ -162,7 +163,10 @@ RESTART_PID=""
 if [[ ${#RESTARTS[@]} -gt 0 ]]; then restart_mid_round & RESTART_PID=$!; fi
 T=$(now)
 compose run --rm "${TTY[@]}" client fednnunet experiment start /specs/demo.yml \
-  --id "$EXP" --rounds "$ROUNDS" --watch
+  --id "$EXP" --rounds "$ROUNDS" --watch || true
+until field 'd["phase"] in ("done", "failed", "cancelled") or sys.exit(1)' < <(status_json); do
+  sleep 5  # the live view ended early (e.g. interrupted): follow the state until it ends
+done
 WALL=$(since "$T")
 [[ -n "$RESTART_PID" ]] && wait "$RESTART_PID" 2>/dev/null || true
 status_json >"$STATE_DIR/$EXP.json"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,11 @@ def stack():
         while (seen := {n: s.health(n) for n in want}) != want:
             assert time.monotonic() < deadline, f"not healthy after 300 s: {seen}"
             time.sleep(2)
-        print(f"compose up -> healthy in {time.monotonic() - t0:.1f} s")
+        for name in ("coordinator", *[f"site-{x}" for x in SITES]):  # consuming its queue
+            while not re.search(r"@\S+ ready\.", s("logs", "--no-color", name).stdout):
+                assert time.monotonic() < deadline, f"{name} not ready after 300 s"
+                time.sleep(2)
+        print(f"compose up -> healthy and ready in {time.monotonic() - t0:.1f} s")
         yield s
     finally:
         s("--profile", "tools", "down", "-v", "--remove-orphans", check=False, timeout=300)
