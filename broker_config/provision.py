@@ -2,7 +2,7 @@
 
     python broker_config/provision.py --sites 901 902 903 [--vhost /] [--consumer-timeout-ms N]
 
-(``broker_config/definitions.json`` for the compose stack is written by
+(the compose stack's ``deploy/.generated/definitions.json`` is written by
 ``deploy/generate.py`` from the same functions.)
 
 Creates ``coordinator`` (full rights on the vhost) and ``site-<id>`` per site with

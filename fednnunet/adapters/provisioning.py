@@ -1,9 +1,9 @@
 """Per-site credentials and permissions for S3 (SeaweedFS/MinIO) and RabbitMQ.
 
-One source of truth: the local stack script, ``broker_config/provision.py``,
-``broker_config/definitions.json`` and the MinIO policies under ``deploy/minio``
-are all generated from (or checked against) the pure functions here, so what a
-site may touch is defined exactly once.
+One source of truth: the local stack script, ``broker_config/provision.py``, the
+compose stack's generated ``deploy/.generated/definitions.json`` and the MinIO
+policies under ``deploy/minio`` are all generated from (or checked against) the
+pure functions here, so what a site may touch is defined exactly once.
 
 Why these rules: a hospital's worker must only consume its own task queue, only
 write to its own bucket, and only read what the coordinator publishes. A

@@ -1,12 +1,14 @@
-"""Static checks of the docker-compose deployment (no Docker engine on these machines).
+"""Static checks of the docker-compose deployment (no Docker engine needed).
 
-Validates the compose-spec essentials, per-site isolation (own volume, own
-credentials, no Redis), the torch pins against pyproject.toml, and that every
-generated file equals what ``fednnunet.adapters.provisioning`` produces now.
+Compose-spec essentials, per-site isolation (own network, volume and credentials, no
+Redis), no working secret in any committed file or on any command line, ports bound to
+127.0.0.1 by default, image pins equal to pyproject.toml. The stack itself is brought up
+for real by ``test_compose_stack.py`` (marked ``docker``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -36,6 +38,19 @@ SITE_ENV = {
     "nnUNet_results",
 }
 VAR_RE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?][^}]*)?\}")
+IMAGES = ["runtime", "rabbitmq", "redis", "s3", "flower"]
+
+
+def _load_generate():
+    spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return _load_generate()
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +59,10 @@ def compose() -> dict:
 
 
 @pytest.fixture(scope="module")
-def dotenv() -> dict[str, str]:
+def dotenv(gen) -> dict[str, str]:
+    """A fresh first-init .env, rendered in memory (the real one is never committed)."""
     out = {}
-    for line in (DEPLOY / ".env").read_text().splitlines():
+    for line in gen.render_env(SITES, "fednnunet", {}, rotate=False).splitlines():
         if line and not line.startswith("#"):
             k, _, v = line.partition("=")
             out[k] = v
@@ -55,9 +71,12 @@ def dotenv() -> dict[str, str]:
 
 def _interpolate(value: str, env: dict[str, str]) -> str:
     def sub(m: re.Match) -> str:
-        if m.group(1) not in env:
-            raise KeyError(m.group(1))
-        return env[m.group(1)]
+        name, default = m.group(1), re.match(r"\$\{[^:}-]*(:?-)([^}]*)\}", m.group(0))
+        if name in env:
+            return env[name]
+        if default:
+            return default.group(2)
+        raise KeyError(name)
 
     return VAR_RE.sub(sub, value)
 
@@ -77,23 +96,28 @@ def _volume_sources(service: dict) -> list[str]:
     return out
 
 
-def test_services_have_image_or_build(compose):
+def test_services_and_local_images(compose):
     assert set(compose["services"]) >= {
-        "rabbitmq",
-        "redis",
-        "minio",
-        "minio-init",
-        "coordinator",
-        "demo-data",
-        "flower",
+        "rabbitmq", "redis", "s3", "s3-init", "demo-data", "coordinator", "flower", "client",
         *SITE_SERVICES,
-    }
+    }  # fmt: skip
     for name, svc in compose["services"].items():
-        assert "image" in svc or "build" in svc, name
-        if "build" in svc:
-            dockerfile = REPO / "deploy" / ".." / svc["build"]["dockerfile"]
-            assert (DEPLOY / svc["build"]["context"]).resolve() == REPO
-            assert dockerfile.exists(), name
+        assert "build" not in svc, f"{name}: images come from deploy/docker/build.sh"
+        m = re.fullmatch(r"fednnunet/([a-z0-9]+):\$\{FEDNNUNET_IMAGE_TAG:-local\}", svc["image"])
+        assert m and m.group(1) in IMAGES, (name, svc["image"])
+        assert (DEPLOY / "docker" / f"{m.group(1)}.Dockerfile").exists()
+    assert "name" not in compose, "top-level name breaks docker-compose 1.29"
+
+
+def test_dockerfiles_build_from_local_base_only():
+    for image in IMAGES:
+        text = (DEPLOY / "docker" / f"{image}.Dockerfile").read_text()
+        froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+        assert froms == ["${BASE}"], (image, froms)
+        assert "ARG BASE=local/debian:bookworm" in text
+        for line in text.splitlines():
+            if "pip install" in line:
+                assert "--no-index" in line and "--find-links" in line, (image, line)
 
 
 def test_references_are_declared(compose):
@@ -102,7 +126,8 @@ def test_references_are_declared(compose):
     for name, svc in services.items():
         for src in _volume_sources(svc):
             if src.startswith((".", "/")):
-                assert (DEPLOY / src).exists(), f"{name}: bind source {src} missing"
+                if ".generated" not in src:  # written by deploy/generate.py on first init
+                    assert (DEPLOY / src).exists(), f"{name}: bind source {src} missing"
             else:
                 assert src in volumes, f"{name}: volume {src} not declared"
         nets = svc.get("networks", [])
@@ -117,40 +142,52 @@ def test_references_are_declared(compose):
             }
             if cond["condition"] == "service_healthy":
                 assert "healthcheck" in services[target], f"{target} has no healthcheck"
-        for secret in svc.get("secrets", []):
-            assert secret in compose.get("secrets", {})
 
 
 def test_healthchecks(compose):
-    for name in ("rabbitmq", "redis", "minio"):
+    for name in ("rabbitmq", "redis", "s3"):
         hc = compose["services"][name]["healthcheck"]
         assert hc["test"] and hc["test"][0] in {"CMD", "CMD-SHELL"}
         assert "interval" in hc and "retries" in hc
 
 
-def test_ports_valid_and_admin_uis_local(compose):
+def test_ports_bind_loopback_by_default(compose, dotenv):
+    published = {}
     for name, svc in compose["services"].items():
         for p in svc.get("ports", []):
-            parts = str(p).split(":")
-            assert 2 <= len(parts) <= 3, (name, p)
-            assert all(x.isdigit() and 0 < int(x) < 65536 for x in parts[-2:]), (name, p)
-    ui_ports = {"15672", "9001", "5555"}
-    for svc in compose["services"].values():
-        for p in svc.get("ports", []):
-            if str(p).split(":")[-1] in ui_ports:
-                assert str(p).startswith("127.0.0.1:"), f"admin UI {p} must bind locally"
+            value = _interpolate(str(p), dotenv)
+            addr, host_port, container_port = value.split(":")
+            assert addr == "127.0.0.1", f"{name}: {p} binds {addr}"
+            assert container_port.isdigit()
+            published[host_port] = name
+    # never the host's own RabbitMQ / Redis / native S3 ports
+    assert not set(published) & {"5672", "15672", "25672", "6379", "8333"}
     assert "ports" not in compose["services"]["redis"]
 
 
-def test_every_variable_is_in_dotenv(compose, dotenv):
+def test_every_variable_is_in_dotenv(dotenv):
     text = (DEPLOY / "docker-compose.yml").read_text()
     for m in VAR_RE.finditer(text):
-        assert m.group(1) in dotenv, f"${{{m.group(1)}}} missing from deploy/.env"
+        has_default = re.match(r"\$\{[^}]*:?-", m.group(0))
+        assert m.group(1) in dotenv or has_default, f"${{{m.group(1)}}} missing from .env"
+
+
+def test_no_secret_on_any_command_line(compose, dotenv):
+    secrets = {v for k, v in dotenv.items() if "PASSWORD" in k or "SECRET" in k or "SEED" in k}
+    secrets |= {dotenv["FLOWER_BASIC_AUTH"]}
+    for name, svc in compose["services"].items():
+        for field in ("command", "entrypoint"):
+            text = json.dumps(svc.get(field, ""))
+            assert not VAR_RE.search(text), f"{name}: {field} interpolates a variable"
+            assert not any(s in _interpolate(text, dotenv) for s in secrets), name
+        hc = json.dumps(svc.get("healthcheck", {}))
+        assert "PASSWORD}" not in hc.replace("$$", "$"), f"{name}: healthcheck with a secret"
 
 
 def test_site_workers_isolated(compose, dotenv):
     services = compose["services"]
-    seen_volumes, seen_creds = set(), set()
+    seed = dotenv["FEDNNUNET_CREDENTIAL_SEED"]
+    seen_volumes, seen_creds, seen_nets = set(), set(), set()
     for site, name in zip(SITES, SITE_SERVICES, strict=True):
         svc = services[name]
         env = {k: _interpolate(v, dotenv) for k, v in _env(svc).items()}
@@ -158,21 +195,23 @@ def test_site_workers_isolated(compose, dotenv):
         assert "FEDNNUNET_REDIS_URL" not in env
         assert env["FEDNNUNET_SITE_ID"] == site and env["FEDNNUNET_DATASET_ID"] == site
         assert svc["command"][:4] == ["fednnunet", "worker", "--site", site]
-        # its own credentials, equal to the provisioned ones
-        user, pw = prov.site_amqp_credentials(site, prov.DEFAULT_SEED)
+        user, pw = prov.site_amqp_credentials(site, seed)
         assert env["FEDNNUNET_BROKER_URL"] == f"amqp://{user}:{pw}@rabbitmq:5672/%2F"
         assert (env["FEDNNUNET_S3_ACCESS_KEY"], env["FEDNNUNET_S3_SECRET_KEY"]) == (
-            prov.site_s3_credentials(site, prov.DEFAULT_SEED)
+            prov.site_s3_credentials(site, seed)
         )
         seen_creds.add((env["FEDNNUNET_BROKER_URL"], env["FEDNNUNET_S3_SECRET_KEY"]))
-        # its own dataset volume, mounted where its nnU-Net folders point
         vols = _volume_sources(svc)
         assert vols == [f"site-{site}-data"]
         seen_volumes.update(vols)
         assert env["nnUNet_raw"].startswith("/data/")
-        # no path to Redis
-        assert "central" not in svc["networks"]
-    assert len(seen_volumes) == len(seen_creds) == len(SITES)
+        # its own internal network, shared only with the broker and the S3 server
+        assert svc["networks"] == [f"site-{site}-net"]
+        seen_nets.add(f"site-{site}-net")
+        assert compose["networks"][f"site-{site}-net"].get("internal") is True
+        members = {n for n, s in services.items() if f"site-{site}-net" in s.get("networks", [])}
+        assert members == {name, "rabbitmq", "s3"}
+    assert len(seen_volumes) == len(seen_creds) == len(seen_nets) == len(SITES)
 
 
 def test_coordinator_env(compose, dotenv):
@@ -180,44 +219,94 @@ def test_coordinator_env(compose, dotenv):
     env = {k: _interpolate(v, dotenv) for k, v in _env(svc).items()}
     assert {"FEDNNUNET_BROKER_URL", "FEDNNUNET_REDIS_URL", "FEDNNUNET_S3_ENDPOINT"} <= set(env)
     assert env["FEDNNUNET_BROKER_URL"].startswith("amqp://coordinator:")
+    assert env["FEDNNUNET_REDIS_URL"] == f"redis://:{dotenv['REDIS_PASSWORD']}@redis:6379/0"
     assert {"federation", "central"} <= set(svc["networks"])
     assert compose["networks"]["central"].get("internal") is True
+    services = compose["services"]
+    redis_members = {n for n, s in services.items() if "central" in s.get("networks", [])}
+    assert redis_members == {"redis", "coordinator", "client"}
 
 
-def test_redis_persists(compose):
-    redis = compose["services"]["redis"]
-    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
-    assert any(v.endswith(":/data") for v in redis["volumes"])
+def test_flower_credentials_in_environment_only(compose):
+    flower = compose["services"]["flower"]
+    assert "command" not in flower  # the image's `celery flower --port=5555`
+    env = _env(flower)
+    assert {"CELERY_BROKER_URL", "FLOWER_BROKER_API", "FLOWER_BASIC_AUTH"} <= set(env)
+    text = (DEPLOY / "docker" / "flower.Dockerfile").read_text()
+    cmd = re.search(r"^CMD (.*)$", text, re.M).group(1)
+    assert "--broker" not in cmd and "basic_auth" not in cmd
+
+
+def test_first_init_secrets_random_and_kept(gen, tmp_path, monkeypatch):
+    a = gen.render_env(SITES, "fednnunet", {}, rotate=False)
+    b = gen.render_env(SITES, "fednnunet", {}, rotate=False)
+    assert a != b  # every installation draws its own
+    old = dict(line.split("=", 1) for line in a.splitlines() if "=" in line)
+    assert gen.render_env(SITES, "fednnunet", old, rotate=False) == a  # later runs keep them
+    assert old["FEDNNUNET_CREDENTIAL_SEED"] != prov.DEFAULT_SEED
+    assert old["S3_ADMIN_SECRET_KEY"] != prov.DEFAULT_ADMIN_SECRET
+    assert gen.render_env(SITES, "fednnunet", old, rotate=True) != a
+    monkeypatch.setattr(gen, "GENERATED", tmp_path)
+    outs = gen.secret_outputs(old)
+    defs = json.loads(outs[tmp_path / "definitions.json"])
+    pw = {u["name"]: u["password"] for u in defs["users"]}
+    assert pw["site-901"] == old["SITE_901_AMQP_PASSWORD"]
+    ident = json.loads(outs[tmp_path / "identities.json"])
+    keys = {i["name"]: i["credentials"][0]["secretKey"] for i in ident["identities"]}
+    assert keys["admin"] == old["S3_ADMIN_SECRET_KEY"]
+    assert keys["site-902"] == old["SITE_902_S3_SECRET"]
+
+
+def test_no_committed_file_holds_secrets():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "deploy/.env" not in tracked
+    assert not any(p.startswith("deploy/.generated/") for p in tracked)
+    assert "broker_config/definitions.json" not in tracked
+    ignored = subprocess.run(
+        ["git", "check-ignore", "deploy/.env", "deploy/.generated/definitions.json"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ignored.stdout.split() == ["deploy/.env", "deploy/.generated/definitions.json"]
 
 
 def _pins(text: str) -> dict[str, str]:
     return dict(re.findall(r"\b(torch|torchvision)==([0-9][0-9A-Za-z.+]*)", text))
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
-def test_dockerfile_pins_match_pyproject(dockerfile):
+def test_cuda_dockerfile_pins_match_pyproject():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     want = _pins(" ".join(deps))
     assert set(want) == {"torch", "torchvision"}
-    text = (DEPLOY / dockerfile).read_text()
+    text = (DEPLOY / "Dockerfile.cuda").read_text()
     assert _pins(text) == want
-    assert "pip install ." in text
-    assert (DEPLOY / f"{dockerfile}.dockerignore").exists(), "context would include .venv"
+    assert re.search(r"pip install\b.*\s\.( |$)", text, re.M)
 
 
-def test_generated_files_are_current():
-    """One source of truth: definitions.json, MinIO policies and .env come from provisioning."""
+def test_runtime_image_installs_the_host_lock():
+    """Versions come from pyproject.toml through build.sh's lock, not from the Dockerfile."""
+    text = (DEPLOY / "docker" / "runtime.Dockerfile").read_text()
+    assert not _pins(text), "pins live in pyproject.toml (runtime.lock), not here"
+    assert '-r "${WHEELS}runtime.lock"' in text
+    assert re.search(r"pip install --no-index --no-deps .*\s\.( |$)", text, re.M)
+    build = (DEPLOY / "docker" / "build.sh").read_text()
+    assert '"$REPO/pyproject.toml"' in build and "lock runtime" in build
+
+
+def test_committed_policies_are_current():
     r = subprocess.run(
         [sys.executable, str(DEPLOY / "generate.py"), "--check"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin"},  # no FEDNNUNET_CREDENTIAL_SEED: the committed dev seed
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_definitions_match_provisioning_regexes():
-    defs = json.loads((REPO / "broker_config" / "definitions.json").read_text())
+def test_generated_definitions_match_provisioning(tmp_path, gen, monkeypatch, dotenv):
+    monkeypatch.setattr(gen, "GENERATED", tmp_path)
+    defs = json.loads(gen.secret_outputs(dotenv)[tmp_path / "definitions.json"])
     perms = {p["user"]: p for p in defs["permissions"]}
     for site in SITES:
         p, want = perms[prov.site_user(site)], prov.site_permissions(site)
@@ -260,21 +349,31 @@ def test_minio_policies_grant_own_bucket_only():
     assert not any("site-902" in r or "site-903" in r for r in resources)
 
 
-def test_docker_compose_config_offline(tmp_path):
-    """`docker compose config` validates the full spec if a compose client exists (no engine)."""
+def _compose_clients() -> list[list[str]]:
+    out = []
     docker = shutil.which("docker")
-    cmd = None
-    has_plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
-    if has_plugin and has_plugin.returncode == 0:
-        cmd = [docker, "compose"]
-    elif shutil.which("docker-compose"):
-        cmd = [shutil.which("docker-compose")]
-    if cmd is None:
+    v2 = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    if v2 and v2.returncode == 0:
+        out.append([docker, "compose"])
+    if shutil.which("docker-compose"):
+        out.append([shutil.which("docker-compose")])
+    return out
+
+
+def test_docker_compose_config_offline(tmp_path, dotenv):
+    """`config` validates the spec with every compose client present (no engine needed)."""
+    clients = _compose_clients()
+    if not clients:
         pytest.skip("no docker compose client on this machine")
-    r = subprocess.run(
-        [*cmd, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
-        capture_output=True,
-        text=True,
-        cwd=DEPLOY,
-    )
-    assert r.returncode == 0, r.stderr
+    env_file = tmp_path / "env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in dotenv.items()))
+    for cmd in clients:
+        for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.minio.yml"]):
+            args = [x for f in files for x in ("-f", str(DEPLOY / f))]
+            r = subprocess.run(
+                [*cmd, "--env-file", str(env_file), *args, "config", "-q"],
+                capture_output=True,
+                text=True,
+                cwd=DEPLOY,
+            )
+            assert r.returncode == 0, (cmd, files, r.stderr)
