@@ -1,4 +1,4 @@
-"""Benchmark runner: ``python -m bench.run [b1 b2 b3 ...] [--quick]``.
+"""Benchmark runner: ``python -m bench.run [b1 b2 b3 quality ...] [--quick] [--hard]``.
 
 Prints one table per benchmark and writes ``bench/out/<name>.json``.
 B2 and B3 need the local stack (RabbitMQ, Redis, ``deploy/local/stack.sh up``).
@@ -69,15 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", default=list(BENCHMARKS), help="b1 b2 b3")
     parser.add_argument("--quick", action="store_true", help="fewer repeats / rounds")
+    parser.add_argument(
+        "--hard", action="store_true", help="quality: the harder demo federation (hard=True)"
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    if args.hard and "quality" not in args.names:
+        parser.error("--hard applies to the quality benchmark only")
     if NEEDS_STACK & set(args.names):
         ensure_stack()
     for name in args.names:
         module = importlib.import_module(BENCHMARKS[name])
-        result = module.run(quick=args.quick)
+        kwargs = {"hard": args.hard} if name == "quality" else {}
+        result = module.run(quick=args.quick, **kwargs)
         print_result(result)
         print(f"  → {write_json(result)}")
     notes_file = REPO / "bench" / "NOTES.md"
