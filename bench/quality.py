@@ -515,7 +515,7 @@ def measure(
         + ", ".join(f"{ARM_TITLES[a]} {mean_spreads[a]:.3f}" for a in ARMS),
         "wall per seed (mean): "
         + ", ".join(f"{ARM_TITLES[a]} {arm_walls[a]:.0f}s" for a in ARMS)
-        + f"; whole benchmark {bench_wall / 60:.1f} min (nice 10, 2 shared cores)",
+        + f"; whole benchmark {bench_wall / 60:.1f} min (shared machine: see the load average)",
         f"B4-B6 from seed {seeds[0]}: federated wall {fed_wall:.1f}s (fingerprint+plan "
         f"{fed_planning:.1f}s, training {fed_train_wall:.1f}s); slowest site local training "
         f"{slowest:.1f}s; centralized plan+preprocess {cen['plan_s']:.1f}s, training "
