@@ -30,6 +30,30 @@ def ensure_stack() -> None:
     subprocess.run(["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"], check=True)
 
 
+def result_section(json_path: Path) -> list[str]:
+    """One result's markdown section: title, machine, table, targets and notes."""
+    data = json.loads(json_path.read_text())
+    targets = [Target(**t) for t in data.pop("targets", [])]
+    machine, when = data.pop("machine"), data.pop("time")
+    result = BenchResult(**data, targets=targets)
+    parts = [
+        f"## {result.title}",
+        "",
+        f"{when}; {machine['cpus']} CPUs ({machine['cpu']}), {machine['mem_gb']} GB RAM, "
+        f"torch {machine['torch']}, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in machine['load_avg'])}",
+        "",
+        markdown_table(result),
+        "",
+    ]
+    parts += [
+        f"- target **{t.name}**: {t.goal} — measured {t.measured} → "
+        f"{'met' if t.met else '**NOT met**'}"
+        for t in targets
+    ]
+    return parts + [f"- {n}" for n in result.notes] + [""]
+
+
 def write_results_md(path: Path = REPO / "bench" / "RESULTS.md", notes: str = "") -> Path:
     """Tables of every result in bench/out, with the machine each one ran on."""
     parts = [
@@ -39,26 +63,7 @@ def write_results_md(path: Path = REPO / "bench" / "RESULTS.md", notes: str = ""
         "",
     ]
     for json_path in sorted(OUT_DIR.glob("*.json")):
-        data = json.loads(json_path.read_text())
-        targets = [Target(**t) for t in data.pop("targets", [])]
-        machine, when = data.pop("machine"), data.pop("time")
-        result = BenchResult(**data, targets=targets)
-        parts += [
-            f"## {result.title}",
-            "",
-            f"{when}; {machine['cpus']} CPUs ({machine['cpu']}), {machine['mem_gb']} GB RAM, "
-            f"torch {machine['torch']}, load average at the end "
-            f"{', '.join(f'{x:.1f}' for x in machine['load_avg'])}",
-            "",
-            markdown_table(result),
-            "",
-        ]
-        parts += [
-            f"- target **{t.name}**: {t.goal} — measured {t.measured} → "
-            f"{'met' if t.met else '**NOT met**'}"
-            for t in targets
-        ]
-        parts += [f"- {n}" for n in result.notes] + [""]
+        parts += result_section(json_path)
     if notes:
         parts += [notes]
     path.write_text("\n".join(parts) + "\n")
