@@ -1,4 +1,4 @@
-"""Benchmark runner: ``python -m bench.run [b1 b2 b3 ...] [--quick]``.
+"""Benchmark runner: ``python -m bench.run [b1 b2 b3 quality ...] [--quick] [--hard]``.
 
 Prints one table per benchmark and writes ``bench/out/<name>.json``.
 B2 and B3 need the local stack (RabbitMQ, Redis, ``deploy/local/stack.sh up``).
@@ -30,6 +30,30 @@ def ensure_stack() -> None:
     subprocess.run(["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"], check=True)
 
 
+def result_section(json_path: Path) -> list[str]:
+    """One result's markdown section: title, machine, table, targets and notes."""
+    data = json.loads(json_path.read_text())
+    targets = [Target(**t) for t in data.pop("targets", [])]
+    machine, when = data.pop("machine"), data.pop("time")
+    result = BenchResult(**data, targets=targets)
+    parts = [
+        f"## {result.title}",
+        "",
+        f"{when}; {machine['cpus']} CPUs ({machine['cpu']}), {machine['mem_gb']} GB RAM, "
+        f"torch {machine['torch']}, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in machine['load_avg'])}",
+        "",
+        markdown_table(result),
+        "",
+    ]
+    parts += [
+        f"- target **{t.name}**: {t.goal} — measured {t.measured} → "
+        f"{'met' if t.met else '**NOT met**'}"
+        for t in targets
+    ]
+    return parts + [f"- {n}" for n in result.notes] + [""]
+
+
 def write_results_md(path: Path = REPO / "bench" / "RESULTS.md", notes: str = "") -> Path:
     """Tables of every result in bench/out, with the machine each one ran on."""
     parts = [
@@ -39,26 +63,7 @@ def write_results_md(path: Path = REPO / "bench" / "RESULTS.md", notes: str = ""
         "",
     ]
     for json_path in sorted(OUT_DIR.glob("*.json")):
-        data = json.loads(json_path.read_text())
-        targets = [Target(**t) for t in data.pop("targets", [])]
-        machine, when = data.pop("machine"), data.pop("time")
-        result = BenchResult(**data, targets=targets)
-        parts += [
-            f"## {result.title}",
-            "",
-            f"{when}; {machine['cpus']} CPUs ({machine['cpu']}), {machine['mem_gb']} GB RAM, "
-            f"torch {machine['torch']}, load average at the end "
-            f"{', '.join(f'{x:.1f}' for x in machine['load_avg'])}",
-            "",
-            markdown_table(result),
-            "",
-        ]
-        parts += [
-            f"- target **{t.name}**: {t.goal} — measured {t.measured} → "
-            f"{'met' if t.met else '**NOT met**'}"
-            for t in targets
-        ]
-        parts += [f"- {n}" for n in result.notes] + [""]
+        parts += result_section(json_path)
     if notes:
         parts += [notes]
     path.write_text("\n".join(parts) + "\n")
@@ -69,15 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", default=list(BENCHMARKS), help="b1 b2 b3")
     parser.add_argument("--quick", action="store_true", help="fewer repeats / rounds")
+    parser.add_argument(
+        "--hard", action="store_true", help="quality: the harder demo federation (hard=True)"
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
+    if args.hard and "quality" not in args.names:
+        parser.error("--hard applies to the quality benchmark only")
     if NEEDS_STACK & set(args.names):
         ensure_stack()
     for name in args.names:
         module = importlib.import_module(BENCHMARKS[name])
-        result = module.run(quick=args.quick)
+        kwargs = {"hard": args.hard} if name == "quality" else {}
+        result = module.run(quick=args.quick, **kwargs)
         print_result(result)
         print(f"  → {write_json(result)}")
     notes_file = REPO / "bench" / "NOTES.md"

@@ -12,7 +12,8 @@ os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
 
 import pytest
 
-from fednnunet.nnunet.demo_data import make_demo_federation, make_pooled_dataset
+from bench.pooled import make_pooled_dataset
+from fednnunet.nnunet.demo_data import make_demo_federation
 
 DEMO_SITE_IDS = (901, 902, 903)
 DEMO_POOLED_ID = 910

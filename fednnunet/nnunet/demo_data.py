@@ -4,6 +4,11 @@ Each case is a "body" (nonzero ellipsoid, zero outside so nnU-Net's crop-to-nonz
 has something to do) containing bright ellipsoids (label 1) and darker cubes
 (label 2). Sites differ in voxel spacing, intensity scale/shift and noise so that
 merging their fingerprints is a real statistical problem, not a no-op.
+
+``make_demo_federation(..., hard=True)`` is a harder federation for quality benchmarks:
+sites of different size, with low contrast and strong noise at some, thick slices at
+one, and different class balance (one site rarely has a cube), so that a site trained
+alone has clearly less to learn from than the federation.
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ _SITE_VARIANTS = (
     {"spacing": (2.5, 1.0, 1.0), "intensity_scale": 0.6, "intensity_shift": -20.0, "noise": 0.15},
 )
 
+# The hard profile (cycled if more sites): (tissue, sphere, cube) means set the contrast,
+# cube_prob the class balance, num_cases the site size.
+_HARD_SITE_VARIANTS = (
+    {  # small site, thick slices, noisy, low contrast, cubes rare
+        "num_cases": 6,
+        "spacing": (4.0, 0.7, 0.7),
+        "intensity_scale": 1.0,
+        "intensity_shift": 0.0,
+        "noise": 0.30,
+        "label_means": (100.0, 150.0, 65.0),
+        "cube_prob": 0.4,
+    },
+    {  # large site, fine spacing, bright scanner, clean, cubes nearly always
+        "num_cases": 12,
+        "spacing": (1.5, 0.9, 0.9),
+        "intensity_scale": 2.5,
+        "intensity_shift": 150.0,
+        "noise": 0.08,
+        "label_means": (100.0, 220.0, 40.0),
+        "cube_prob": 0.95,
+    },
+    {  # mid-size site, coarse in-plane spacing, dark scanner, weak sphere contrast
+        "num_cases": 9,
+        "spacing": (2.5, 1.2, 1.2),
+        "intensity_scale": 0.5,
+        "intensity_shift": -30.0,
+        "noise": 0.20,
+        "label_means": (100.0, 135.0, 60.0),
+        "cube_prob": 0.7,
+    },
+)
+
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
@@ -40,8 +77,14 @@ def _make_case(
     intensity_scale: float,
     intensity_shift: float,
     noise: float,
+    label_means: tuple[float, float, float] = (100.0, 220.0, 40.0),
+    cube_prob: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One (image, label) pair; label 1 bright ellipsoids, label 2 dark cubes."""
+    """One (image, label) pair; label 1 bright ellipsoids, label 2 dark cubes.
+
+    ``cube_prob`` < 1 leaves the cube out of some cases (class balance); the default draws
+    exactly the random numbers it always drew, so the default demo data never changes.
+    """
     grid = np.ogrid[tuple(slice(0, s) for s in shape)]
     shp = np.array(shape, dtype=float)
     # Body: random size/position so shapes_after_crop and relative sizes vary by case.
@@ -59,10 +102,12 @@ def _make_case(
     sl = tuple(slice(max(ci - h, 0), ci + h) for ci, h in zip(c, half, strict=True))
     cube = np.zeros(shape, dtype=bool)
     cube[sl] = True
-    label[cube & body] = 2
+    if cube_prob >= 1.0 or rng.uniform() < cube_prob:
+        label[cube & body] = 2
 
-    # Tissue 100, spheres 220, cubes 40, all with a per-case gain (scanner drift).
-    base = np.where(label == 1, 220.0, np.where(label == 2, 40.0, 100.0))
+    # Default: tissue 100, spheres 220, cubes 40, all with a per-case gain (scanner drift).
+    tissue, sphere, cube_mean = label_means
+    base = np.where(label == 1, sphere, np.where(label == 2, cube_mean, tissue))
     gain = rng.uniform(0.9, 1.1)
     img = base * gain * (1.0 + noise * rng.standard_normal(shape))
     img = img * intensity_scale + intensity_shift
@@ -105,6 +150,8 @@ def make_demo_dataset(
     noise: float = 0.1,
     seed: int = 0,
     file_ending: str = ".nii.gz",
+    label_means: tuple[float, float, float] = (100.0, 220.0, 40.0),
+    cube_prob: float = 1.0,
 ) -> Path:
     """Write ``raw_root/DatasetXXX_name`` (imagesTr, labelsTr, dataset.json); deterministic."""
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
@@ -115,7 +162,15 @@ def make_demo_dataset(
     rng = np.random.default_rng([seed, dataset_id])
     prefix = name.lower()
     for i in range(num_cases):
-        img, lab = _make_case(rng, tuple(shape), intensity_scale, intensity_shift, noise)
+        img, lab = _make_case(
+            rng,
+            tuple(shape),
+            intensity_scale,
+            intensity_shift,
+            noise,
+            label_means=label_means,
+            cube_prob=cube_prob,
+        )
         case = f"{prefix}_{i:03d}"
         _write(img, spacing, folder / "imagesTr" / f"{case}_0000{file_ending}")
         _write(lab, spacing, folder / "labelsTr" / f"{case}{file_ending}")
@@ -129,58 +184,24 @@ def make_demo_federation(
     num_cases: int = 8,
     shape=(32, 64, 64),
     seed: int = 0,
+    hard: bool = False,
 ) -> list[Path]:
-    """One demo dataset per site, each with its own spacing / intensity profile / noise."""
+    """One demo dataset per site, each with its own spacing / intensity profile / noise.
+
+    ``hard``: the harder profile (see the module docstring); each site then has its own
+    number of cases and ``num_cases`` is ignored, and datasets are named ``HardSiteN``.
+    """
     out = []
     for k, ds_id in enumerate(dataset_ids):
-        variant = _SITE_VARIANTS[k % len(_SITE_VARIANTS)]
+        if hard:
+            variant = dict(_HARD_SITE_VARIANTS[k % len(_HARD_SITE_VARIANTS)])
+            name, cases = f"HardSite{k + 1}", int(variant.pop("num_cases"))
+        else:
+            variant = dict(_SITE_VARIANTS[k % len(_SITE_VARIANTS)])
+            name, cases = f"DemoSite{k + 1}", num_cases
         out.append(
             make_demo_dataset(
-                raw_root,
-                ds_id,
-                f"DemoSite{k + 1}",
-                num_cases=num_cases,
-                shape=shape,
-                seed=seed,
-                **variant,
+                raw_root, ds_id, name, num_cases=cases, shape=shape, seed=seed, **variant
             )
         )
     return out
-
-
-def _find_dataset(raw_root: Path, dataset_id: int) -> Path:
-    hits = sorted(Path(raw_root).glob(f"Dataset{dataset_id:03d}_*"))
-    if len(hits) != 1:
-        from fednnunet.errors import DatasetError
-
-        raise DatasetError(
-            f"expected one Dataset{dataset_id:03d}_* in {raw_root}, found {len(hits)}"
-        )
-    return hits[0]
-
-
-def make_pooled_dataset(
-    raw_root: Path, source_ids: Sequence[int], pooled_id: int, name: str = "Pooled"
-) -> Path:
-    """Copy every site's cases into one raw dataset (the centralized baseline).
-
-    Case names get a ``dXXX_`` prefix so that equal case names at two sites cannot collide.
-    """
-    sources = [_find_dataset(raw_root, i) for i in source_ids]
-    ds_jsons = [json.loads((s / "dataset.json").read_text()) for s in sources]
-    file_ending = ds_jsons[0]["file_ending"]
-    folder = Path(raw_root) / dataset_folder_name(pooled_id, name)
-    if folder.exists():
-        shutil.rmtree(folder)
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    n = 0
-    for src_id, src in zip(source_ids, sources, strict=True):
-        for sub in ("imagesTr", "labelsTr"):
-            for f in sorted((src / sub).glob(f"*{file_ending}")):
-                shutil.copyfile(f, folder / sub / f"d{src_id:03d}_{f.name}")
-        n += len(list((src / "labelsTr").glob(f"*{file_ending}")))
-    ds = dict(ds_jsons[0])
-    ds.update({"numTraining": n, "name": folder.name})
-    (folder / "dataset.json").write_text(json.dumps(ds, indent=2))
-    return folder
