@@ -283,14 +283,16 @@ def experiment_plot(
 @experiment_app.command("list")
 @clean_errors
 def experiment_list(redis_url: str = RedisOpt) -> None:
+    """Every experiment in this Redis namespace: method, phase and rounds completed."""
     from fednnunet.adapters.redis_state import RedisState
+    from fednnunet.cli.view import round_summary
 
     redis = RedisState.from_settings(_settings(None, redis_url))
     redis.ping()
     for exp in redis.experiments():
         st = redis.load(exp)
         if st:
-            console.print(f"{exp}\t{st.method}\t{st.phase}\tround {st.round}/{st.rounds}")
+            console.print(f"{exp}\t{st.method}\t{st.phase}\t{round_summary(st)}")
 
 
 # ---------------------------------------------------------------- helpers
