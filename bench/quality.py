@@ -268,7 +268,7 @@ def measure(
 
     # Centralized baseline in a child process (its own nnU-Net env), memory sampled.
     t0 = time.perf_counter()
-    child = subprocess.Popen(
+    child = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
         [
             sys.executable,
             "-c",
@@ -380,7 +380,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--val-iterations", type=int, default=5)
     args = parser.parse_args()
-    subprocess.run(["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"], check=True)
+    subprocess.run(["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"], check=True)  # noqa: S603, S607 - bash runs our own script
     result = measure(args.rounds, args.iterations, args.val_iterations)
     print_result(result)
     print(f"  -> {write_json(result)}")

@@ -207,7 +207,7 @@ def test_dockerfile_pins_match_pyproject(dockerfile):
 
 def test_generated_files_are_current():
     """One source of truth: definitions.json, MinIO policies and .env come from provisioning."""
-    r = subprocess.run(
+    r = subprocess.run(  # noqa: S603 - own interpreter, argv list, no shell
         [sys.executable, str(DEPLOY / "generate.py"), "--check"],
         capture_output=True,
         text=True,
@@ -264,14 +264,14 @@ def test_docker_compose_config_offline(tmp_path):
     """`docker compose config` validates the full spec if a compose client exists (no engine)."""
     docker = shutil.which("docker")
     cmd = None
-    has_plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    has_plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)  # noqa: S603 - docker client, fixed argv
     if has_plugin and has_plugin.returncode == 0:
         cmd = [docker, "compose"]
     elif shutil.which("docker-compose"):
         cmd = [shutil.which("docker-compose")]
     if cmd is None:
         pytest.skip("no docker compose client on this machine")
-    r = subprocess.run(
+    r = subprocess.run(  # noqa: S603 - docker client, fixed argv
         [*cmd, "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q"],
         capture_output=True,
         text=True,

@@ -33,9 +33,7 @@ def fedavg_oracle(
         if not first[name].is_floating_point():
             out[name] = first[name].clone()
             continue
-        weighted = sum(
-            n * u[name].detach().cpu().to(torch.float64).numpy() for u, n in updates
-        )
+        weighted = sum(n * u[name].detach().cpu().to(torch.float64).numpy() for u, n in updates)
         mean = np.asarray(weighted / total, dtype=np.float64)
         out[name] = torch.from_numpy(mean).to(first[name].dtype)
     return out
