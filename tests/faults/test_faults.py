@@ -146,7 +146,7 @@ def test_coordinator_sigkilled_mid_aggregation_is_replaced(iso, unique_id):
     sites = _sites(unique_id)
     spec = make_spec(unique_id("exp-"), list(sites), rounds=1)
     env = iso.with_env(FEDNNUNET_STANDIN_MODEL="nnunet2d")
-    lock_key = f"fednnunet:exp:{spec.experiment_id}:lock"
+    lock_key = iso.redis._k(spec.experiment_id, "lock")  # in the session's namespace
     r = redis.Redis.from_url(iso.settings.redis_url)
     seen: dict[str, object] = {}
 
