@@ -38,3 +38,22 @@ def test_experiments_of_the_suite_are_invisible_in_another_namespace(stack, uniq
         for key in client.scan_iter(f"{mine.ns}:*{exp.experiment_id}*"):
             client.delete(key)
         client.srem(f"{mine.ns}:experiments", exp.experiment_id)
+
+
+def test_without_rabbitmqctl_the_configured_vhost_is_used_and_said(monkeypatch):
+    from tests.support import private_stack
+
+    monkeypatch.setattr(private_stack, "rabbitmqctl_usable", lambda: False)
+    services = private_stack.SessionServices.new()
+    services.open_vhost()
+    assert services.vhost is None
+    assert services.notes and "configured broker URL" in services.notes[0]
+    url = "amqp://guest:guest@127.0.0.1:5672//"
+    assert "FEDNNUNET_BROKER_URL" not in services.env(url)  # the configured one stays
+
+
+def test_vhost_goes_into_the_broker_url():
+    from tests.support.private_stack import with_vhost
+
+    assert with_vhost("amqp://u:p@h:5672//", "t-1") == "amqp://u:p@h:5672/t-1"
+    assert with_vhost("amqps://u:p@h:5671/old", "t-2") == "amqps://u:p@h:5671/t-2"
