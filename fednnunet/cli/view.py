@@ -84,9 +84,8 @@ def round_summary(state: ExperimentState) -> str:
     return f"{completed}/{state.rounds} rounds completed"
 
 
-# Site table columns, least important last: dropped from the end when the terminal is
-# too narrow for every header to show in full (headers are never cut).
-# header -> priority (higher = dropped first)
+# Site table column -> how readily it is left out when the terminal is too narrow for
+# every column with whole words (higher first; 0 never). Headers are never cut.
 COLUMN_PRIORITY = {
     "site": 0,
     "state": 0,
