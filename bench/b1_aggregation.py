@@ -79,7 +79,7 @@ def _child(paths: list[str], out: str) -> None:
 
 
 def peak_memory_mb(paths: list[Path], out: Path) -> float:
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - own interpreter, argv list, no shell
         [sys.executable, "-m", "bench.b1_aggregation", "--child", str(out), *map(str, paths)],
         check=True,
         capture_output=True,

@@ -388,7 +388,7 @@ def run_flower(
 
     def spawn(name: str, *args: str) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        return subprocess.Popen(
+        return subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
             [sys.executable, "-m", "bench.b2_round_overhead", *args],
             cwd=REPO,
             env=env,

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     redis_namespace: str = Field(default="fednnunet", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     s3_endpoint: str = "127.0.0.1:8333"
     s3_access_key: str = "fednnunet"
-    s3_secret_key: str = "fednnunet-secret"
+    s3_secret_key: str = "fednnunet-secret"  # noqa: S105 - documented dev-only default
     s3_secure: bool = False
     s3_ca_file: str | None = None
     s3_region: str = "us-east-1"

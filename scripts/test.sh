@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The test command: set up, start the local S3 server, lint, run every test.
+# The test command: set up, lint, run every test.
 # RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) must be running.
+#
+# The suite does not use the development stack (deploy/local/stack.sh, S3 on 8333):
+# it starts an S3 server of its own on free ports (tests/support/private_stack.py),
+# a RabbitMQ vhost and a Redis namespace of its own, so it runs beside another
+# clone's stack and leaves no experiments in the user's namespace. The S3 server
+# is stopped at the end.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -8,6 +14,10 @@ cd "$REPO"
 # setting refuses (fednnunet/settings.py): say that this is a development run.
 export FEDNNUNET_DEVELOPMENT="${FEDNNUNET_DEVELOPMENT:-true}"
 bash scripts/setup.sh
-bash deploy/local/stack.sh up
+for svc in "RabbitMQ 5672" "Redis 6379"; do
+  set -- $svc
+  (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null || { echo "$1 is not running on 127.0.0.1:$2" >&2; exit 1; }
+done
 .venv/bin/ruff check fednnunet workers tests bench broker_config
+trap '.venv/bin/python -m tests.support.private_stack down >/dev/null || true' EXIT
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

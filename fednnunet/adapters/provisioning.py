@@ -49,7 +49,7 @@ from fednnunet.keys import site_user as _site_user
 
 DEFAULT_PREFIX = "fednnunet"
 DEFAULT_ADMIN_ACCESS = "fednnunet"
-DEFAULT_ADMIN_SECRET = "fednnunet-secret"
+DEFAULT_ADMIN_SECRET = "fednnunet-secret"  # noqa: S105 - documented dev-only default
 DEFAULT_SEED = "fednnunet-dev-seed"  # local development only; set FEDNNUNET_CREDENTIAL_SEED
 DEFAULT_SITES = ("901", "902", "903")
 DEFAULT_VHOST = "/"
@@ -366,7 +366,7 @@ def _perm_entry(user: str, vhost: str, p: AmqpPermissions) -> dict:
 
 
 def _ctl(rabbitmqctl: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return subprocess.run(  # noqa: S603 - broker admin tool, fixed argv
         [rabbitmqctl, *args], capture_output=True, text=True, check=check, timeout=120
     )
 

@@ -12,6 +12,7 @@ Keys (``{ns}`` defaults to ``fednnunet``)::
     {ns}:refused / {ns}:refusals     the same for messages naming no known experiment
     {ns}:exp:{id}:heartbeat          hash site -> unix time of last heartbeat
     {ns}:exp:{id}:progress           hash site -> last ProgressEvent JSON
+    {ns}:exp:{id}:position           hash site -> last training position (epoch, iteration)
     {ns}:exp:{id}:bytes              hash site -> bytes moved (sent+received)
     {ns}:alive                       set at coordinator start; missing => Redis lost state
 """
@@ -32,6 +33,8 @@ from fednnunet.errors import FedError, ServiceUnreachable
 from fednnunet.keys import IDLE_EXPERIMENT
 from fednnunet.messages import ProgressEvent
 from fednnunet.settings import Settings
+
+POSITION_FIELDS = ("phase", "round", "epoch", "iteration", "of_iterations")
 
 
 class LockLost(FedError):
@@ -202,6 +205,10 @@ class RedisState:
         if event.kind == "progress" or event.kind == "heartbeat":
             payload = event.model_dump(mode="json") | {"received": received}
             pipe.hset(self._k(event.experiment_id, "progress"), event.site_id, json.dumps(payload))
+        if event.kind == "progress" and event.iteration is not None:
+            # Kept apart: the next heartbeat replaces the event above, not the position.
+            position = event.model_dump(mode="json", include=set(POSITION_FIELDS))
+            pipe.hset(self._k(event.experiment_id, "position"), event.site_id, json.dumps(position))
         moved = event.bytes_sent + event.bytes_received
         if moved:
             pipe.hincrby(self._k(event.experiment_id, "bytes"), event.site_id, moved)
@@ -215,9 +222,27 @@ class RedisState:
         return {k: float(v) for k, v in self.r.hgetall(self._k(experiment, "heartbeat")).items()}
 
     def progress(self, experiment: str) -> dict[str, dict]:
-        return {
-            k: json.loads(v) for k, v in self.r.hgetall(self._k(experiment, "progress")).items()
-        }
+        """Site -> its last event, with the last training position of the same phase and round.
+
+        Heartbeats (every few seconds) carry no position; without the merge a watcher
+        would see an empty progress column after each one.
+        """
+        pipe = self.r.pipeline()
+        pipe.hgetall(self._k(experiment, "progress"))
+        pipe.hgetall(self._k(experiment, "position"))
+        latest_raw, positions_raw = pipe.execute()
+        out = {}
+        for site, raw in latest_raw.items():
+            event = json.loads(raw)
+            position = json.loads(positions_raw.get(site, "null")) or {}
+            same_task = (position.get("phase"), position.get("round")) == (
+                event.get("phase"),
+                event.get("round"),
+            )
+            if event.get("iteration") is None and same_task:
+                event |= {k: position[k] for k in ("epoch", "iteration", "of_iterations")}
+            out[site] = event
+        return out
 
     def bytes_moved(self, experiment: str) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(self._k(experiment, "bytes")).items()}

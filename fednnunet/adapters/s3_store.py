@@ -249,7 +249,8 @@ class ArtifactStore:
                 raise
             # Another writer got there between our stat and our PUT: same bytes are fine.
             existing = self.stat(bucket, key)
-            assert existing is not None
+            if existing is None:
+                raise IntegrityError(f"s3://{bucket}/{key}: write refused, object missing") from exc
             return self._same_or_error(existing, sha, len(data))
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
         self._log_egress(ref, kind)

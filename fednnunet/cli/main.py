@@ -287,14 +287,16 @@ def experiment_plot(
 @experiment_app.command("list")
 @clean_errors
 def experiment_list(redis_url: str = RedisOpt) -> None:
+    """Every experiment in this Redis namespace: method, phase and rounds completed."""
     from fednnunet.adapters.redis_state import RedisState
+    from fednnunet.cli.view import round_summary
 
     redis = RedisState.from_settings(_settings(None, redis_url))
     redis.ping()
     for exp in redis.experiments():
         st = redis.load(exp)
         if st:
-            console.print(f"{exp}\t{st.method}\t{st.phase}\tround {st.round}/{st.rounds}")
+            console.print(f"{exp}\t{st.method}\t{st.phase}\t{round_summary(st)}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -341,7 +343,7 @@ def stack(action: str = typer.Argument("up", help="up | down | status")) -> None
     script = REPO_ROOT / "deploy" / "local" / "stack.sh"
     if not script.exists():
         raise FedError(f"{script} not found (run from a source checkout)")
-    raise typer.Exit(subprocess.call(["bash", str(script), action]))
+    raise typer.Exit(subprocess.call(["bash", str(script), action]))  # noqa: S603, S607 - bash runs our own script
 
 
 # ---------------------------------------------------------------- simulation

@@ -98,7 +98,7 @@ class LocalFederation:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
             [sys.executable, "-m", "fednnunet.cli.main", *args],
             env=env,
             stdout=log,

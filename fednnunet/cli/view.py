@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fednnunet.core.state_machine import ExperimentState
+from fednnunet.core.state_machine import TERMINAL, ExperimentState
 
 _STATE_STYLE = {
     "pending": "dim",
@@ -75,6 +76,101 @@ def eta_seconds(state: ExperimentState, now: float) -> float | None:
     return max(0.0, per_round * (state.rounds - len(state.history)))
 
 
+def round_summary(state: ExperimentState) -> str:
+    """``round k/N`` while training, else how many of the N rounds were completed."""
+    completed = len(state.history)
+    if state.phase == "train" and state.round:
+        return f"round {min(state.round, state.rounds)}/{state.rounds}"
+    return f"{completed}/{state.rounds} rounds completed"
+
+
+# Site table column -> how readily it is left out when the terminal is too narrow for
+# every column with whole words (higher first; 0 never). Headers are never cut.
+COLUMN_PRIORITY = {
+    "site": 0,
+    "state": 0,
+    "Dice": 1,
+    "local-only Dice": 1,
+    "progress": 2,
+    "loss": 3,
+    "pseudo-Dice": 3,
+    "try": 4,
+    "MB moved": 5,
+    "heartbeat": 6,
+}
+
+
+class SiteTable:
+    """The per-site table, with as many columns as fit the width it is drawn at.
+
+    Rich squeezes a too-wide table by cutting words (``progre…``), headers included.
+    Here columns are sized so that every word stays whole: each column gets at least
+    its longest word, spare width goes to the columns that would otherwise wrap, and
+    the least important columns are left out (and named) when even that is too wide.
+    """
+
+    def __init__(self, columns: list[str], rows: list[list[Any]]) -> None:
+        self.columns, self.rows = columns, rows
+
+    def _texts(self, col: str) -> list[str]:
+        i = self.columns.index(col)
+        return [col] + [str(row[i]) for row in self.rows]
+
+    def _natural(self, col: str) -> int:
+        return max(len(t) for t in self._texts(col))
+
+    def _longest_word(self, col: str) -> int:
+        return max(len(w) for t in self._texts(col) for w in (t.split() or [""]))
+
+    @staticmethod
+    def _overhead(n_columns: int) -> int:
+        return 3 * n_columns + 1  # padding 1 + 1 and a border per column, one more border
+
+    def table(self, keep: list[str], widths: dict[str, int] | None = None) -> Table:
+        table = Table(show_header=True, header_style="bold")
+        for col in keep:
+            table.add_column(col, width=(widths or {}).get(col))
+        for row in self.rows:
+            table.add_row(
+                *(cell for col, cell in zip(self.columns, row, strict=True) if col in keep)
+            )
+        return table
+
+    def fitting(self, max_width: int) -> tuple[Table, list[str]]:
+        """The table that fits ``max_width`` without cutting a word; and the columns left out."""
+        keep = list(self.columns)
+        droppable = sorted(
+            (c for c in keep if COLUMN_PRIORITY.get(c, 9) > 0),
+            key=lambda c: (COLUMN_PRIORITY.get(c, 9), keep.index(c)),
+        )
+
+        def min_width() -> int:
+            return sum(self._longest_word(c) for c in keep) + self._overhead(len(keep))
+
+        while min_width() > max_width and droppable:
+            keep.remove(droppable.pop())
+        dropped = [c for c in self.columns if c not in keep]
+        natural = {c: self._natural(c) for c in keep}
+        if sum(natural.values()) + self._overhead(len(keep)) <= max_width:
+            return self.table(keep), dropped
+        widths = {c: self._longest_word(c) for c in keep}
+        spare = max_width - min_width()
+        for col in sorted(keep, key=lambda c: natural[c] - widths[c]):  # least wrapping first
+            grow = min(spare, natural[col] - widths[col])
+            widths[col] += grow
+            spare -= grow
+        return self.table(keep, widths), dropped
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        table, dropped = self.fitting(options.max_width)
+        yield table
+        if dropped:
+            yield Text(f"(left out, too narrow: {', '.join(dropped)})", style="dim")
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.table(list(self.columns)))
+
+
 def render(
     state: ExperimentState,
     progress: dict[str, dict],
@@ -90,25 +186,23 @@ def render(
     )
     parts: list[Any] = [head]
     if state.phase in ("train", "validate", "done") and state.rounds:
-        completed = len(state.history)
         eta = info["eta_s"]
-        parts.append(
-            Text(
-                f"round {min(state.round or completed, state.rounds)}/{state.rounds}"
-                + (f"  ETA {eta:,.0f}s" if eta is not None else "")
-            )
+        # One grid row: a bare ProgressBar ends no line, and the table's top border
+        # would be drawn on the bar's line.
+        bar = Table.grid(padding=(0, 2))
+        bar.add_row(
+            Text(round_summary(state) + (f"  ETA {eta:,.0f}s" if eta is not None else "")),
+            ProgressBar(total=state.rounds, completed=len(state.history), width=40),
         )
-        parts.append(ProgressBar(total=state.rounds, completed=completed, width=50))
-    table = Table(show_header=True, header_style="bold")
+        parts.append(bar)
     has_local = any("local_mean_dice" in m for m in state.final_metrics.values())
     columns = ["site", "state", "try", "progress", "loss", "pseudo-Dice", "Dice"]
     columns += ["local-only Dice"] if has_local else []
-    for col in [*columns, "MB moved", "heartbeat"]:
-        table.add_column(col)
+    columns += ["MB moved", "heartbeat"]
+    ended = state.phase in TERMINAL  # the final table: nobody is in the middle of a round
+    rows = []
     for site, row in info["sites"].items():
         prog = progress.get(site, {})
-        it = prog.get("iteration")
-        of = prog.get("of_iterations")
         metrics = row["metrics"] or {}
         last_round = state.history[-1].metrics.get(site, {}) if state.history else {}
         loss = metrics.get("train_loss", last_round.get("train_loss"))
@@ -121,7 +215,7 @@ def render(
             site,
             Text(row["state"], style=_STATE_STYLE.get(row["state"], "")),
             str(row["attempt"]),
-            f"ep {prog.get('epoch')} it {it}/{of}" if it is not None and of else "",
+            _position(row["state"], prog),
             f"{loss:.4f}" if isinstance(loss, float) else "",
             f"{pdice:.3f}" if isinstance(pdice, float) else "",
             f"{dice:.3f}" if isinstance(dice, float) else "",
@@ -129,8 +223,21 @@ def render(
         if has_local:
             cells.append(f"{local:.3f}" if isinstance(local, float) else "n/a")
         cells += [f"{row['bytes_moved'] / 1e6:.1f}", f"{hb:.0f}s ago" if hb is not None else ""]
-        table.add_row(*cells)
-    parts.append(table)
+        rows.append(cells)
+    if ended:
+        rows = [[c for col, c in zip(columns, r, strict=True) if col != "progress"] for r in rows]
+        columns.remove("progress")
+    parts.append(SiteTable(columns, rows))
     if state.error:
         parts.append(Text(f"error: {state.error}", style="bold red"))
     return Group(*parts)
+
+
+def _position(site_state: str, prog: dict) -> str:
+    """Where a running site is: epoch and iteration, else the phase it is working on."""
+    it, of = prog.get("iteration"), prog.get("of_iterations")
+    if it is not None and of:
+        return f"ep {prog.get('epoch')} it {it}/{of}"
+    if site_state in ("running", "queued") and prog.get("phase"):
+        return str(prog["phase"])
+    return ""

@@ -29,6 +29,7 @@ def build_figure(state: ExperimentState):
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), dpi=100)
     rounds = [r.round for r in state.history]
@@ -53,6 +54,7 @@ def build_figure(state: ExperimentState):
             )
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)

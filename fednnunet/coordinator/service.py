@@ -502,7 +502,8 @@ class Coordinator:
             return self.store.put_json(self.global_bucket, key, obj, kind=kind)
         except IntegrityError:
             ref = self.store.stat(self.global_bucket, key)
-            assert ref is not None
+            if ref is None:  # refused as existing, yet gone: S3 is not what we think it is
+                raise
             return ref
 
     def _load(self, experiment_id: str) -> sm.ExperimentState | None:

@@ -388,7 +388,7 @@ def next_actions(
     needed = len(state.sites) if _needs_all_sites(state) else state.quorum
     if len(state.sites) - len(exhausted) < needed:
         why = "; ".join(f"{s}: {statuses[s].error}" for s in sorted(exhausted))
-        return [Fail(f"{state.phase}: cannot reach {needed} site(s): {why}")]
+        return [Fail(f"{state.phase} failed at {len(exhausted)} site(s), {needed} needed: {why}")]
 
     reports = tuple(statuses[s].report for s in done if statuses[s].report)  # type: ignore[misc]
     all_done = len(done) == len(state.sites)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from rich.console import Console
 
-from fednnunet.cli.view import render, status_dict
+from fednnunet.cli.view import COLUMN_PRIORITY, render, round_summary, status_dict
 from fednnunet.coordinator.plots import build_figure, global_series, render_png
 from fednnunet.core import state_machine as sm
 from fednnunet.messages import ArtifactRef, SiteReport
@@ -115,3 +116,66 @@ def test_final_table_compares_federated_and_local_only_dice(tmp_path):
     console.print(render(state, {}, {}, {}))
     text = console.export_text()
     assert "local-only Dice" in text and "0.812" in text and "n/a" in text and "0.950" in text
+
+
+def test_plot_x_axis_has_integer_round_ticks():
+    fig = build_figure(_state_with_rounds(3))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_round_summary_counts_completed_rounds():
+    state = _state_with_rounds(5)
+    sm.apply_validated(state, 10.0)
+    assert state.phase == "done"
+    assert round_summary(state) == "5/5 rounds completed"
+    training = _state_with_rounds(2)
+    assert training.phase == "train" and round_summary(training) == "round 3/5"
+
+
+def _lines(renderable, width: int) -> list[str]:
+    console = Console(record=True, width=width)
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_tables_fit_the_terminal_without_cutting_a_header(width):
+    """Non-TTY output is 80 columns: headers wrap or their column is left out, never cut."""
+    state = _state_with_rounds(5)
+    sm.apply_validated(state, 10.0)
+    state.final_metrics = {
+        "901": {"mean_dice": 0.9, "local_mean_dice": 0.8125},
+        "902": {"mean_dice": 0.95},
+        "903": {"mean_dice": 0.97},
+    }
+    lines = _lines(render(state, {}, {"901": 12_000_000}, {"901": 1e9}), width)
+    text = "\n".join(lines)
+    assert all(len(line) <= width for line in lines)
+    assert "…" not in text
+    header = " ".join(line for line in lines if line.startswith("┃"))
+    words = set(header.replace("┃", " ").split())
+    shown = [c for c in COLUMN_PRIORITY if set(c.split()) <= words]
+    assert {"site", "state", "Dice"} <= set(shown)
+    left_out = [c for c in COLUMN_PRIORITY if c not in shown and c != "progress"]
+    if left_out:  # what did not fit is named, not silently gone
+        assert "left out, too narrow:" in text
+        assert all(c in text.split("too narrow:")[1] for c in left_out if c != "local-only Dice")
+
+
+def test_round_bar_and_table_border_are_on_separate_lines():
+    state = _state_with_rounds(2)
+    lines = _lines(render(state, {}, {}, {}), 130)
+    bar = [i for i, line in enumerate(lines) if "round 3/5" in line]
+    assert len(bar) == 1 and "┏" not in lines[bar[0]]
+    assert lines[bar[0] + 1].startswith("┏")
+
+
+def test_progress_column_names_the_phase_before_the_first_iteration():
+    state = _state_with_rounds(2)
+    state.sites_status["901"].state = "running"
+    text = "\n".join(_lines(render(state, {"901": {"phase": "train"}}, {}, {}), 130))
+    row = next(line for line in text.splitlines() if "901" in line)
+    assert "train" in row

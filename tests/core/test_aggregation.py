@@ -1,6 +1,7 @@
 import torch
 
 from fednnunet.core.aggregation import StreamingFedAvg, common_layers, fedavg
+from tests.support.fedavg_oracle import fedavg_oracle
 
 
 def test_weighted_fedavg_matches_manual_mean():
@@ -53,3 +54,26 @@ def test_bad_weight_rejected():
         except ValueError:
             continue
         raise AssertionError(f"weight {bad} accepted")
+
+
+# ---------------------------------------------------------------- the independent oracle
+def test_oracle_is_the_textbook_formula():
+    """Worked by hand: (1*[0, 2] + 3*[4, 6]) / 4 = [3, 5]; layers not shared are left out."""
+    a = {"w": torch.tensor([0.0, 2.0]), "only_a": torch.ones(1), "step": torch.tensor(7)}
+    b = {"w": torch.tensor([4.0, 6.0]), "step": torch.tensor(9)}
+    out = fedavg_oracle([(a, 1.0), (b, 3.0)])
+    assert set(out) == {"w", "step"}
+    assert out["w"].tolist() == [3.0, 5.0] and out["w"].dtype == torch.float32
+    assert out["step"].item() == 7  # counters are not averaged
+
+
+def test_product_fedavg_agrees_with_the_oracle():
+    gen = torch.Generator().manual_seed(0)
+    updates = [
+        ({"a": torch.randn(5, 3, generator=gen), "b": torch.randn(4, generator=gen)}, n)
+        for n in (3.0, 11.0, 1.0)
+    ]
+    got, want = fedavg(updates), fedavg_oracle(updates)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k

@@ -149,6 +149,8 @@ def test_failures_retry_then_fail_experiment_below_quorum():
             assert actions == [sm.Dispatch("a", "train", 1, attempt + 1)]
             sm.apply_dispatched(s, actions[0], 2.0)
     assert isinstance(actions[0], sm.Fail)
+    # The site was reached and its task raised: the reason says where it failed.
+    assert actions[0].reason == "train failed at 1 site(s), 3 needed: a: boom"
 
 
 def test_stop_after_fingerprint_and_cancel():
@@ -174,7 +176,8 @@ def test_non_retryable_failure_fails_at_once_with_the_site_error():
         s, report("b", "fingerprint", ok=False, error="Dataset902: broken", retryable=False), 2.0
     )
     (fail,) = sm.next_actions(s, 2.0)
-    assert isinstance(fail, sm.Fail) and "b: Dataset902: broken" in fail.reason
+    assert isinstance(fail, sm.Fail)
+    assert fail.reason == "fingerprint failed at 1 site(s), 3 needed: b: Dataset902: broken"
 
 
 def test_lost_queued_task_is_resent_when_the_worker_reports_idle():

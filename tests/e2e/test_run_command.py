@@ -27,7 +27,7 @@ def test_run_plan_and_preprocess_gives_every_site_one_plan(stack, tmp_path):
         env[var] = str(tmp_path / sub)
     # Dataset ids no other test uses: in simulation the site id is the dataset id.
     make_demo_federation(tmp_path / "raw", [931, 932], num_cases=4, seed=5)
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - own interpreter, argv list, no shell
         [
             sys.executable,
             "-m",
@@ -68,7 +68,7 @@ def test_run_rejects_bad_arguments(tmp_path):
         (["run", "extract_fingerprint", "901", "2d", "--method", "asym"], "no federated"),
         (["run", "train", "901", "2d", "0", "--frobnicate"], "--frobnicate"),
     ):
-        proc = subprocess.run(
+        proc = subprocess.run(  # noqa: S603 - own interpreter, argv list, no shell
             [sys.executable, "-m", "fednnunet.cli.main", *args],
             env=env,
             capture_output=True,

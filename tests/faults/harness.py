@@ -28,13 +28,13 @@ from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights
 from fednnunet.cli.simulate import LocalFederation, submit
-from fednnunet.core.aggregation import fedavg
 from fednnunet.core.state_machine import TERMINAL, ExperimentState
 from fednnunet.errors import FedError
 from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket, site_bucket
 from fednnunet.settings import Settings
 from fednnunet.site.standin import StandInSession
 from fednnunet.spec import ExperimentSpec, parse_spec
+from tests.support.fedavg_oracle import fedavg_oracle
 from tests.support.redis_db import claim_empty_db
 from tests.support.weed import WeedServer, admin_identities
 
@@ -44,8 +44,12 @@ REDIS_DBS = range(15, 7, -1)  # databases a fault test may claim (only when empt
 
 # ---------------------------------------------------------------- shared servers
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout, check=True
+    out = subprocess.run(  # noqa: S603 - broker admin tool, fixed argv
+        ["rabbitmqctl", "-q", *args],  # noqa: S607 - rabbitmqctl from PATH
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,  # noqa: S607 - broker admin tool, fixed argv
     )
     return out.stdout
 
@@ -277,7 +281,8 @@ def check_history(
 
     Every round appears once; its participants are distinct sites of the experiment;
     its global object is the only one of that round and equals the case-weighted
-    FedAvg (atol 1e-6) of exactly its participants' updates in S3.
+    FedAvg (atol 1e-6; computed by the independent ``fedavg_oracle``) of exactly its
+    participants' updates in S3.
     """
     assert state.phase == "done", state.error
     assert [r.round for r in state.history] == list(range(1, state.rounds + 1))
@@ -299,7 +304,7 @@ def check_history(
             )
             for s in ordered
         ]
-        expected = fedavg(updates)
+        expected = fedavg_oracle(updates)
         weights = decode_weights(store.get_bytes(record.global_weights))
         assert weights.keys() == expected.keys()
         for k, v in expected.items():
@@ -318,7 +323,8 @@ def reference_weights(
 
     The stand-in trainer is deterministic per (dataset, seed, epoch); every site trains
     every round (a late site too) and the global of round r averages ``participants[r-1]``
-    in the experiment's site order, exactly as the coordinator does.
+    in the experiment's site order, with the independent ``fedavg_oracle`` (so the
+    product's own averaging is not its own reference).
     """
     with tempfile.TemporaryDirectory(prefix="fednnunet-ref-") as tmp:
         sessions = {
@@ -342,7 +348,7 @@ def reference_weights(
                     session.load_global(decode_weights(encode_weights(global_)))
                 session.train_epochs(spec.local_epochs)
                 updates[site] = {k: v.clone() for k, v in session.state_dict().items()}
-            global_ = fedavg(
+            global_ = fedavg_oracle(
                 [
                     (updates[s], float(sessions[s].num_training_cases()))
                     for s in spec.sites
@@ -353,11 +359,17 @@ def reference_weights(
         return global_
 
 
+# The reference's globals come from float64 numpy, the coordinator's from float32
+# torch: the same mean up to rounding, which a few rounds of training keep tiny.
+REFERENCE_ATOL = 1e-5
+
+
 def assert_same_weights(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> None:
-    """Bit-for-bit equality (the stand-in and FedAvg are deterministic)."""
+    """Equal up to float rounding (a lost or double-counted update is far larger)."""
     assert got.keys() == want.keys()
     for k in want:
-        assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max().item())
+        diff = (got[k].double() - want[k].double()).abs().max().item() if got[k].numel() else 0.0
+        assert diff <= REFERENCE_ATOL, (k, diff)
 
 
 def count_lines(text: str, needle: str) -> int:

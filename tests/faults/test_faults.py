@@ -3,13 +3,12 @@
 Every test runs the coordinator and the site workers as separate processes with the
 stand-in trainer (deterministic weights, controlled duration) and checks that the
 experiment finishes, that no update is lost or counted twice, and, where the fault
-is transparent, that the final global weights are bit-for-bit those of an
+is transparent, that the final global weights are those (up to float rounding) of an
 undisturbed run with the same seed.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time
@@ -65,36 +64,6 @@ def test_undisturbed_run_matches_the_in_process_reference(iso, unique_id):
     assert run.state.ignored_reports == 0
     assert_same_weights(final, reference_weights(spec, sites, [list(sites)] * spec.rounds))
     record("none (baseline)", run)
-
-
-# Undisturbed runs with the settings of the faults that change them: only to measure
-# the time a fault costs (FEDNNUNET_FAULTS_BASELINES=1); the default baseline is above.
-OTHER_BASELINES = {
-    "nnunet2d, 1 round": (3, {"rounds": 1}, {"FEDNNUNET_STANDIN_MODEL": "nnunet2d"}),
-    "quorum 2/3, deadline 8 s": (
-        3,
-        {"quorum": 2, "round_deadline_s": 8, "heartbeat_timeout_s": 60},
-        {},
-    ),
-    "1 site, 20 s round": (
-        1,
-        {"rounds": 1, "heartbeat_timeout_s": 60},
-        {"FEDNNUNET_STANDIN_SLEEP_S": "20"},
-    ),
-}
-
-
-@pytest.mark.skipif(os.environ.get("FEDNNUNET_FAULTS_BASELINES") != "1", reason="measurement only")
-@pytest.mark.parametrize("name", list(OTHER_BASELINES))
-def test_other_undisturbed_baselines(iso, unique_id, name):
-    n_sites, spec_overrides, env = OTHER_BASELINES[name]
-    sites = {unique_id("s"): ds for ds in DATASETS[:n_sites]}
-    spec = make_spec(unique_id("exp-"), list(sites), **spec_overrides)
-    with Federation(sites, iso.tmp / "logs", env=iso.with_env(**env)) as fed:
-        fed.wait_ready(iso.vhost, _queues(sites))
-        run = drive(iso, fed, spec)
-    check_history(iso, run.state, list(sites))
-    record(f"none (baseline: {name})", run)
 
 
 def _queues(sites) -> list[str]:
@@ -177,7 +146,7 @@ def test_coordinator_sigkilled_mid_aggregation_is_replaced(iso, unique_id):
     sites = _sites(unique_id)
     spec = make_spec(unique_id("exp-"), list(sites), rounds=1)
     env = iso.with_env(FEDNNUNET_STANDIN_MODEL="nnunet2d")
-    lock_key = f"fednnunet:exp:{spec.experiment_id}:lock"
+    lock_key = iso.redis._k(spec.experiment_id, "lock")  # in the session's namespace
     r = redis.Redis.from_url(iso.settings.redis_url)
     seen: dict[str, object] = {}
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_lock_outlives_its_ttl_while_held_and_expires_after_its_owner_dies(iso):
     state = RedisState.from_settings(iso.settings)
-    key = "fednnunet:exp:lock-test:lock"
+    key = state._k("lock-test", "lock")  # in the session's Redis namespace
     with state.locked("lock-test", timeout_s=1.5):
         time.sleep(3.0)  # twice the TTL: the renewer keeps it
         assert state.r.exists(key)

@@ -38,7 +38,7 @@ SUBNET_PREFIX = "10.231"
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)  # noqa: S603, S607 - iproute2, fixed argv
 
 
 def unavailable_reason() -> str | None:
@@ -134,7 +134,7 @@ class NetLab:
             "print(json.dumps(out))\n"
         )
         argv = self.exec_argv(name, [sys.executable, "-c", code, json.dumps(targets)])
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)  # noqa: S603 - own interpreter, argv list, no shell
         return json.loads(res.stdout)
 
     def close(self) -> list[str]:

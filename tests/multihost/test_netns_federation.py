@@ -42,7 +42,7 @@ ROUND_DEADLINE_S = 8.0
 
 
 def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, check=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, check=True, timeout=60)  # noqa: S603, S607 - broker admin tool, fixed argv
 
 
 def _claim_redis_db(token: str) -> int:
@@ -132,8 +132,11 @@ def lab(tmp_path, unique_id):
         if weed is not None:
             weed.stop()
         errors = net.close()
-        res = subprocess.run(
-            ["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, text=True, timeout=60
+        res = subprocess.run(  # noqa: S603 - broker admin tool, fixed argv
+            ["rabbitmqctl", "-q", "delete_vhost", vhost],  # noqa: S607 - rabbitmqctl from PATH
+            capture_output=True,
+            text=True,
+            timeout=60,  # noqa: S607 - broker admin tool, fixed argv
         )
         if res.returncode != 0:
             errors.append(f"delete_vhost {vhost}: {res.stderr.strip()}")
@@ -164,7 +167,7 @@ class NetnsFederation(LocalFederation):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         argv = [sys.executable, "-m", "fednnunet.cli.main", *args]
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
             self.lab.net.exec_argv(self.hosts[name], argv),
             env=env,
             cwd=REPO_ROOT,

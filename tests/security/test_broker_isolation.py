@@ -57,7 +57,7 @@ def env():
     e = Env(f"fednnunet-test-{tag}", f"ta{tag}", f"tb{tag}", secrets.token_hex(8))
     ctl = "rabbitmqctl"
     prov.ensure_vhost(e.vhost, ctl)
-    subprocess.run([ctl, "set_permissions", "-p", e.vhost, "guest", ".*", ".*", ".*"], check=True)
+    subprocess.run([ctl, "set_permissions", "-p", e.vhost, "guest", ".*", ".*", ".*"], check=True)  # noqa: S603 - broker admin tool, fixed argv
     try:
         for site in (e.a, e.b):
             user, pw = prov.site_amqp_credentials(site, e.seed)
@@ -69,7 +69,7 @@ def env():
     finally:
         for site in (e.a, e.b):
             prov.delete_user(prov.site_user(site), ctl)
-        subprocess.run([ctl, "delete_vhost", e.vhost], capture_output=True)
+        subprocess.run([ctl, "delete_vhost", e.vhost], capture_output=True)  # noqa: S603 - broker admin tool, fixed argv
 
 
 def _admin_publish(env: Env, exchange: str, key: str, body: bytes) -> None:
@@ -257,7 +257,7 @@ def test_celery_worker_with_site_credentials(env, tmp_path):
     cmd += ["--loglevel", "INFO", "-n", f"{env.a}@test"]
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=worker_env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=worker_env, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603 - own interpreter, argv list, no shell
     try:
         # The coordinator (admin) dispatches with a Celery app of its own.
         from celery import Celery
@@ -319,7 +319,7 @@ def test_project_site_app_with_site_credentials(env, tmp_path):
     }
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
             [sys.executable, str(tmp_path / "projsite.py")],
             env=worker_env,
             stdout=out,

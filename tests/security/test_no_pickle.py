@@ -325,20 +325,40 @@ def test_weights_codec_writes_safetensors_not_pickle():
     )
 
 
+UNPICKLED: list[str] = []  # _mark_unpickled appends here whenever a pickle runs
+
+
+def _mark_unpickled(tag: str) -> None:
+    UNPICKLED.append(tag)
+
+
 class _Boom:
+    """Unpickling this calls ``_mark_unpickled``: proof that the payload's code ran."""
+
     def __reduce__(self):
-        return (exec, ("raise SystemExit('unpickled!')",))
+        return (_mark_unpickled, ("ran",))
+
+
+def test_boom_payload_runs_when_unpickled():
+    """The oracle itself: plain pickle does run the payload (so the next test can fail)."""
+    UNPICKLED.clear()
+    pickle.loads(pickle.dumps({"w": _Boom()}))  # noqa: S301 - the point of this test
+    assert UNPICKLED == ["ran"]
+    UNPICKLED.clear()
 
 
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
 def test_weights_codec_refuses_pickle_payloads(kind):
     """A pickle (even one that would run code) is rejected by the decoder, not run."""
+    from safetensors import SafetensorError
+
+    UNPICKLED.clear()
     if kind == "pickle":
         payload = pickle.dumps({"w": _Boom()})
     else:
         buf = io.BytesIO()
-        torch.save({"encoder.w": torch.zeros(2)}, buf)
+        torch.save({"encoder.w": torch.zeros(2), "boom": _Boom()}, buf)
         payload = buf.getvalue()
-    with pytest.raises(Exception) as err:  # noqa: PT011 - safetensors' own error types
+    with pytest.raises(SafetensorError):
         decode_weights(payload)
-    assert not isinstance(err.value, SystemExit)
+    assert UNPICKLED == [], "decode_weights ran code from a pickle"

@@ -1,8 +1,8 @@
 """Per-site S3 identities on the real local SeaweedFS: a site sees only what it should.
 
-The stack (``deploy/local/stack.sh up``) provisions identities for the sites in
-``FEDNNUNET_SITES`` (default 901 902 903) with secrets derived by
-``fednnunet.adapters.provisioning``; this test uses those same derived keys.
+The suite's S3 server (``tests/support/private_stack.py``, provisioned like
+``deploy/local/stack.sh up``) has identities for sites 901 902 903 with secrets derived
+by ``fednnunet.adapters.provisioning``; this test uses those same derived keys.
 """
 
 from __future__ import annotations

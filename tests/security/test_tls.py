@@ -13,6 +13,7 @@ import json
 import secrets
 import ssl
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pytest
@@ -202,13 +203,19 @@ def test_amqps_untrusted_certificate_is_refused(case, pki, other_pki, stack, mon
 
 @pytest.mark.integration
 def test_celery_and_progress_publish_through_amqps(amqps_proxy, pki, stack, unique_id):
-    tls = _amqps(amqps_proxy.port, s3_ca_file=str(pki.ca))
+    # The session's vhost, over TLS through the proxy and in plain on 5672 to read back.
+    tls_url = urlunsplit(
+        urlsplit(stack.broker_url)._replace(
+            scheme="amqps", netloc=f"guest:guest@127.0.0.1:{amqps_proxy.port}"
+        )
+    )
+    tls = Settings(broker_url=tls_url, s3_ca_file=str(pki.ca))
     site = unique_id("tls")
     declare_topology(tls, [site])
     app = make_celery(tls, "client")
     app.send_task(SITE_TASKS["fingerprint"], args=[{"hello": "tls"}], queue=site_task_queue(site))
     # progress (pika) through the same proxy, read back on the plain port
-    with pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F")) as c:
+    with pika.BlockingConnection(pika.URLParameters(stack.broker_url)) as c:
         ch = c.channel()
         q = ch.queue_declare("", exclusive=True).method.queue
         ch.queue_bind(q, PROGRESS_EXCHANGE, routing_key=f"exp.{site}.heartbeat")

@@ -27,7 +27,7 @@ def free_port_block(addr: str = "127.0.0.1", width: int = 5) -> int:
     """A base port p with p..p+width-1 and their grpc twins free on ``addr`` and loopback."""
     hosts = {addr, "127.0.0.1"}
     for _ in range(300):
-        base = random.randrange(20000, 54000, 10)
+        base = random.randrange(20000, 54000, 10)  # noqa: S311 - a random port to try, not a secret
         ports = [base + i for i in range(width)] + [base + GRPC_OFFSET + i for i in range(width)]
         try:
             for port in ports:
@@ -94,7 +94,7 @@ class WeedServer:
 
     def start(self, timeout_s: float = 60) -> None:
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # noqa: S603 - the weed binary of our venv, argv list
             self.argv(),
             stdout=log,
             stderr=subprocess.STDOUT,
