@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.pooled import make_pooled_dataset
 from fednnunet.core.fingerprint_merge import DEFAULT_SKETCH, merge_fingerprint_summaries
 from fednnunet.core.fingerprint_schema import SCHEMA
 from fednnunet.core.geometry_sketch import GEOMETRY_SKETCH, summarize_geometry
 from fednnunet.errors import DatasetError
-from fednnunet.nnunet.demo_data import make_demo_dataset, make_pooled_dataset
+from fednnunet.nnunet.demo_data import make_demo_dataset
 from fednnunet.nnunet.fingerprint import extract_site_fingerprint, nnunet_env
 from fednnunet.nnunet.inline_pool import inline_pools
 
