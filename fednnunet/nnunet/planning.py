@@ -235,7 +235,9 @@ def training_case_count(
     data_id = plans["configurations"][configuration]["data_identifier"]
     data_folder = resolve_under(pp_folder, data_id)
     identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
-    if fold == "all":
+    if fold == "all" or len(identifiers) < 5:
+        # Too few cases for nnU-Net's 5-fold split (its trainer refuses such a fold):
+        # the weight is the whole cohort.
         return len(identifiers)
     splits_file = pp_folder / "splits_final.json"
     if splits_file.is_file():

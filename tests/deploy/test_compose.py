@@ -322,6 +322,7 @@ def test_generated_definitions_match_provisioning(tmp_path, gen, monkeypatch, do
         "fednnunet.tasks": "direct",
         "fednnunet.results": "direct",
         "fednnunet.progress": "topic",
+        "fednnunet.control": "direct",
     }
 
 

@@ -42,7 +42,7 @@ def variables_read_by_code() -> set[str]:
     found: set[str] = set()
     for folder in READER_DIRS:
         for path in (REPO / folder).rglob("*"):
-            if path.suffix in {".py", ".sh"} and path.is_file():
+            if path.suffix in {".py", ".sh", ".yml"} and path.is_file():
                 text = path.read_text(encoding="utf-8", errors="replace")
                 for pattern in READ_PATTERNS:
                     found |= set(pattern.findall(text))

@@ -160,7 +160,10 @@ def scan_source(source: str, path: str = "<string>") -> list[Finding]:
         elif isinstance(node, ast.Call):
             qual = _qualify(node.func, aliases) or ""
             short = qual.rsplit(".", 1)[-1]
-            if _unsafe_call(qual):
+            weights_only = qual in {"torch.load", "torch.serialization.load"} and (
+                isinstance(w := _kw(node, "weights_only"), ast.Constant) and w.value is True
+            )
+            if _unsafe_call(qual) and not weights_only:  # weights_only=True: no objects
                 add(node, f"{qual}()")
             elif qual in {"numpy.load", "numpy.lib.npyio.load"} and _is_true(
                 _kw(node, "allow_pickle")
