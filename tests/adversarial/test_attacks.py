@@ -18,6 +18,7 @@ from fednnunet.site.standin import build_state
 from tests.adversarial.harness import (
     Evil,
     assert_rounds_are_honest_fedavg,
+    honestly,
     refusals,
     run_experiment,
 )
@@ -57,6 +58,15 @@ def _crafted_update_attack(make_update, from_round: int = 2):
         evil.send(report)
 
     return attack
+
+
+def test_honest_run_matches_the_independent_fedavg(consortium):
+    """The baseline of every attack below: all three sites honest, nothing refused."""
+    state, evil = run_experiment(consortium, honestly)
+    assert state.phase == "done", state.error
+    assert all(len(r.participants) == 3 and not r.quarantined for r in state.history)
+    assert_rounds_are_honest_fedavg(consortium, state)
+    assert refusals(consortium, state.experiment_id) == {}
 
 
 # ---------------------------------------------------------------- identity
