@@ -140,59 +140,18 @@ def _check_splits_used(env: dict[str, str], splits: dict[int, Any], ids) -> None
 # ---- child processes (own nnU-Net environment, like a user running nnUNetv2_train) -------
 
 
-def centralized(
-    epochs: int, iterations: int, val_iterations: int, seed: int, plan: bool = True
-) -> dict:
-    """Plan+preprocess the pooled data (``plan``), then train and validate like nnU-Net.
-
-    One torch thread, like each federated site and each local-only run: on a shared
-    2-core machine a second thread mostly spin-waits (measured: 7x slower epochs at load 12).
-    """
-    from fednnunet.nnunet.planning import plan_and_preprocess
+def _train_and_validate(
+    dataset_id: int,
+    epochs: int,
+    iterations: int,
+    val_iterations: int,
+    seed: int,
+    validation_processes: int,
+) -> tuple[float, dict]:
+    """Train one dataset alone (2d, fold 0, one torch thread) and validate it like
+    nnU-Net: (training seconds, nnU-Net's validation result)."""
     from fednnunet.nnunet.session import FederatedTrainingSession
 
-    t0 = time.perf_counter()
-    plan_window = [time.time()]
-    if plan:
-        plan_and_preprocess(POOLED_ID, ["2d"], num_processes=2)
-    plan_window.append(time.time())
-    t_plan = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    session = FederatedTrainingSession(
-        POOLED_ID,
-        "2d",
-        0,
-        device="cpu",
-        total_epochs=epochs,
-        iterations_per_epoch=iterations,
-        val_iterations_per_epoch=val_iterations,
-        seed=seed,
-        torch_threads=1,
-        da_processes=0,
-    )
-    session.train_epochs(epochs)
-    t_train = time.perf_counter() - t1
-    result = session.finish(run_validation=True, validation_processes=2)
-    session.close()
-    return {
-        "plan_s": t_plan,
-        "plan_window": plan_window,
-        "train_s": t_train,
-        "total_s": time.perf_counter() - t0,
-        "fold_folder": str(result["fold_folder"]),
-    }
-
-
-def local_only(
-    dataset_id: int, epochs: int, iterations: int, val_iterations: int, seed: int
-) -> dict:
-    """One site alone: its own fingerprint and plans, same epochs, one torch thread."""
-    from fednnunet.nnunet.planning import plan_and_preprocess
-    from fednnunet.nnunet.session import FederatedTrainingSession
-
-    pre = next(Path(os.environ["nnUNet_preprocessed"]).glob(f"Dataset{dataset_id:03d}_*"))
-    if not (pre / "nnUNetPlans.json").is_file():
-        plan_and_preprocess(dataset_id, ["2d"], num_processes=1)
     t0 = time.perf_counter()
     session = FederatedTrainingSession(
         dataset_id,
@@ -208,8 +167,51 @@ def local_only(
     )
     session.train_epochs(epochs)
     t_train = time.perf_counter() - t0
-    result = session.finish(run_validation=True, validation_processes=1)
+    result = session.finish(run_validation=True, validation_processes=validation_processes)
     session.close()
+    return t_train, result
+
+
+def centralized(
+    epochs: int, iterations: int, val_iterations: int, seed: int, plan: bool = True
+) -> dict:
+    """Plan+preprocess the pooled data (``plan``), then train and validate like nnU-Net.
+
+    One torch thread, like each federated site and each local-only run: on a shared
+    2-core machine a second thread mostly spin-waits (measured: 7x slower epochs at load 12).
+    """
+    from fednnunet.nnunet.planning import plan_and_preprocess
+
+    t0 = time.perf_counter()
+    plan_window = [time.time()]
+    if plan:
+        plan_and_preprocess(POOLED_ID, ["2d"], num_processes=2)
+    plan_window.append(time.time())
+    t_plan = time.perf_counter() - t0
+    t_train, result = _train_and_validate(
+        POOLED_ID, epochs, iterations, val_iterations, seed, validation_processes=2
+    )
+    return {
+        "plan_s": t_plan,
+        "plan_window": plan_window,
+        "train_s": t_train,
+        "total_s": time.perf_counter() - t0,
+        "fold_folder": str(result["fold_folder"]),
+    }
+
+
+def local_only(
+    dataset_id: int, epochs: int, iterations: int, val_iterations: int, seed: int
+) -> dict:
+    """One site alone: its own fingerprint and plans, same epochs, one torch thread."""
+    from fednnunet.nnunet.planning import plan_and_preprocess
+
+    pre = next(Path(os.environ["nnUNet_preprocessed"]).glob(f"Dataset{dataset_id:03d}_*"))
+    if not (pre / "nnUNetPlans.json").is_file():
+        plan_and_preprocess(dataset_id, ["2d"], num_processes=1)
+    t_train, result = _train_and_validate(
+        dataset_id, epochs, iterations, val_iterations, seed, validation_processes=1
+    )
     return {"train_s": t_train, "mean_dice": result["mean_dice"]}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 
 Phase = Literal["fingerprint", "plan", "train", "validate"]
 
@@ -82,6 +82,15 @@ class ArtifactRef(BaseModel):
     size: int = Field(ge=0, le=1 << 40)
 
 
+def _fold(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= 4:
+        raise ValueError("fold must be 0-4 or 'all'")
+    return v
+
+
+# nnU-Net's five cross-validation folds, or all cases.
+Fold = Annotated[int | Literal["all"], AfterValidator(_fold)]
+
 # Names that become file or folder names at a site: no path separator, no leading dot.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 PYTHON_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -95,7 +104,7 @@ class TrainingOptions(BaseModel):
     """
 
     configuration: str = Field(pattern=NAME_PATTERN)
-    fold: int | Literal["all"]
+    fold: Fold
     trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
     plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
     method: Literal["ffe", "asym"] = "ffe"
@@ -106,13 +115,6 @@ class TrainingOptions(BaseModel):
     device: Literal["cuda", "cpu", "mps"] = "cuda"
     seed: int = 12345
     export_npz: bool = False
-
-    @field_validator("fold")
-    @classmethod
-    def _fold(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 <= v <= 4:
-            raise ValueError("fold must be 0-4 or 'all'")
-        return v
 
 
 class SiteTask(BaseModel):

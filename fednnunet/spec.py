@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from fednnunet.errors import FedError, SpecError
 from fednnunet.keys import EXPERIMENT_ID_RE, IDLE_EXPERIMENT, SITE_ID_RE
-from fednnunet.messages import NAME_PATTERN, PYTHON_NAME_PATTERN, ArtifactRef, TrainingOptions
+from fednnunet.messages import NAME_PATTERN, PYTHON_NAME_PATTERN, ArtifactRef, Fold, TrainingOptions
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
@@ -22,7 +22,7 @@ class ExperimentSpec(BaseModel):
     experiment_id: str = Field(default_factory=lambda: "exp-" + secrets.token_hex(4))
     sites: list[str]
     configuration: str = "3d_fullres"
-    fold: int | Literal["all"] = 0
+    fold: Fold = 0
     method: Literal["ffe", "asym"] = "ffe"
     rounds: int = Field(default=1000, ge=1, le=100_000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
@@ -74,13 +74,6 @@ class ExperimentSpec(BaseModel):
     def _config(cls, v: str) -> str:
         if v not in CONFIGURATIONS:
             raise ValueError(f"unknown configuration {v!r}; one of {', '.join(CONFIGURATIONS)}")
-        return v
-
-    @field_validator("fold")
-    @classmethod
-    def _fold(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and not 0 <= v <= 4:
-            raise ValueError("fold must be 0-4 or 'all'")
         return v
 
     @model_validator(mode="after")
