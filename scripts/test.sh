@@ -14,10 +14,11 @@ cd "$REPO"
 # setting refuses (fednnunet/settings.py): say that this is a development run.
 export FEDNNUNET_DEVELOPMENT="${FEDNNUNET_DEVELOPMENT:-true}"
 bash scripts/setup.sh
-for svc in "RabbitMQ 5672" "Redis 6379"; do
-  set -- $svc
+require_service() {  # a function, so that its positional arguments are not the script's
   (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null || { echo "$1 is not running on 127.0.0.1:$2" >&2; exit 1; }
-done
+}
+require_service RabbitMQ 5672
+require_service Redis 6379
 .venv/bin/ruff check fednnunet workers tests bench broker_config
 trap '.venv/bin/python -m tests.support.private_stack down >/dev/null || true' EXIT
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
