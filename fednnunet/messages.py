@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 
+from fednnunet.strategies import MethodName
+
 Phase = Literal["fingerprint", "plan", "train", "validate"]
 
 # Bounds on what a site may send: anything larger is refused, not stored.
@@ -107,7 +109,7 @@ class TrainingOptions(BaseModel):
     fold: Fold
     trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
     plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
-    method: Literal["ffe", "asym"] = "ffe"
+    method: MethodName = "ffe"
     rounds: int = Field(default=1, ge=1, le=100_000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
     iterations_per_epoch: int = Field(default=250, ge=1, le=100_000)

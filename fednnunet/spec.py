@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from fednnunet.errors import FedError, SpecError
 from fednnunet.keys import EXPERIMENT_ID_RE, IDLE_EXPERIMENT, SITE_ID_RE
 from fednnunet.messages import NAME_PATTERN, PYTHON_NAME_PATTERN, ArtifactRef, Fold, TrainingOptions
+from fednnunet.strategies import MethodName, Strategy, get_strategy
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
@@ -23,7 +24,7 @@ class ExperimentSpec(BaseModel):
     sites: list[str]
     configuration: str = "3d_fullres"
     fold: Fold = 0
-    method: Literal["ffe", "asym"] = "ffe"
+    method: MethodName = "ffe"
     rounds: int = Field(default=1000, ge=1, le=100_000)
     local_epochs: int = Field(default=1, ge=1, le=1000)
     trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
@@ -86,13 +87,20 @@ class ExperimentSpec(BaseModel):
                 if self.pretrained_weights not in (None, given):
                     raise ValueError("pretrained_weights given twice, with different paths")
                 self.pretrained_weights = given
-        if self.stop_after == "fingerprint" and self.method != "ffe":
-            raise ValueError("stop_after=fingerprint only makes sense with method ffe")
+        if self.stop_after == "fingerprint" and not self.strategy.federated_fingerprint:
+            raise ValueError(
+                f"stop_after=fingerprint needs a method with a federated fingerprint, "
+                f"not {self.method}"
+            )
         if self.quorum is not None and self.quorum > len(self.sites):
             raise ValueError(
                 f"quorum {self.quorum} exceeds the number of sites ({len(self.sites)})"
             )
         return self
+
+    @property
+    def strategy(self) -> Strategy:
+        return get_strategy(self.method)
 
     @property
     def effective_quorum(self) -> int:

@@ -376,12 +376,15 @@ def run(
     Extra arguments are those of nnUNetv2_train (e.g. -tr, -p, -device cpu).
     """
     from fednnunet.spec import parse_spec
+    from fednnunet.strategies import METHODS, get_strategy
 
     if command not in PHASE_COMMANDS:
         raise FedError(f"unknown command {command!r}; one of {', '.join(PHASE_COMMANDS)}")
-    if method == "asym" and command == "extract_fingerprint":
+    if method not in METHODS:
+        raise FedError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    if command == "extract_fingerprint" and not get_strategy(method).federated_fingerprint:
         raise FedError(
-            "AsymFedAvg has no federated fingerprint: each site plans alone "
+            f"{method} has no federated fingerprint: each site plans alone "
             "(use plan_and_preprocess or train)"
         )
     ids = dataset_ids.split()

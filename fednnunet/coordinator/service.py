@@ -43,6 +43,7 @@ from fednnunet.keys import (
 from fednnunet.messages import ArtifactRef, ProgressEvent, SiteReport, SiteTask, TrainingOptions
 from fednnunet.settings import Settings
 from fednnunet.spec import ExperimentSpec
+from fednnunet.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -347,12 +348,12 @@ class Coordinator:
             attempt=action.attempt,
             options=TrainingOptions.model_validate(state.options),
         )
-        if action.phase == "plan" and state.method == "ffe":
+        strategy = get_strategy(state.method)
+        if action.phase == "plan" and strategy.federated_fingerprint:
             task.merged_fingerprint = state.merged_fingerprint
         if action.phase in ("train", "validate"):
             task.global_weights = state.global_weights
-            if state.method == "ffe" and state.plans_sha256:
-                task.plans_sha256 = next(iter(state.plans_sha256.values()))
+            task.plans_sha256 = strategy.expected_plans(state.plans_sha256)
         return task
 
     def _merge_fingerprints(
@@ -441,7 +442,7 @@ class Coordinator:
                     state.global_weights,
                     cases=state.declared_cases,
                     max_site_weight=state.max_site_weight,
-                    exact_architecture=state.method == "ffe",
+                    exact_architecture=get_strategy(state.method).exact_architecture,
                     aggregation=state.aggregation,
                     min_participants=min(state.quorum, len(reports)) or 1,
                     # Round 1's previous global may be a pretrained model of another

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from fednnunet.messages import ArtifactRef, Metrics, ShortText, SiteReport
+from fednnunet.strategies import MethodName, get_strategy
 
 ExperimentPhase = Literal["fingerprint", "plan", "train", "validate", "done", "failed", "cancelled"]
 SiteState = Literal["pending", "queued", "running", "done", "failed", "late"]
@@ -66,7 +67,7 @@ class ExperimentState(BaseModel):
     """Everything needed to resume an experiment; stored in Redis, journaled in S3."""
 
     experiment_id: str
-    method: Literal["ffe", "asym"]
+    method: MethodName
     sites: list[str]
     rounds: int
     quorum: int
@@ -142,7 +143,7 @@ Action = Dispatch | MergeFingerprints | Aggregate | Fail | GiveUp
 # ---------------------------------------------------------------- creation
 def new_experiment(
     experiment_id: str,
-    method: Literal["ffe", "asym"],
+    method: str,
     sites: list[str],
     rounds: int,
     quorum: int,
@@ -169,7 +170,7 @@ def new_experiment(
         stop_after=stop_after,
         **more,
     )
-    _open_phase(state, "fingerprint" if method == "ffe" else "plan", 0, now)
+    _open_phase(state, get_strategy(method).first_phase, 0, now)
     return state
 
 
@@ -290,11 +291,9 @@ def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
     reports = {s: st.report for s, st in state.sites_status.items() if st.report}
     state.plans_sha256 = {s: r.plans_sha256 or "" for s, r in reports.items()}
     state.declared_cases = {s: r.num_cases for s, r in reports.items()}
-    if state.method == "ffe" and len(set(state.plans_sha256.values())) != 1:
-        return Fail(
-            "FFE sites ended with different plans: "
-            + ", ".join(f"{s}={h[:12]}" for s, h in sorted(state.plans_sha256.items()))
-        )
+    problem = get_strategy(state.method).plans_problem(state.plans_sha256)
+    if problem is not None:
+        return Fail(problem)
     _open_phase(state, "done" if state.stop_after == "plan" else "train", 1, now)
     return None
 
@@ -401,11 +400,13 @@ def next_actions(
         return [MergeFingerprints(reports)]
     if state.phase == "plan" and all_done:
         return []  # the coordinator closes it with apply_plans_checked (pure, no action needed)
-    closing = (settled or deadline_passed) and len(done) >= state.quorum
-    if state.phase == "train" and (all_done or closing):
+    closing = get_strategy(state.method).round_closes(
+        len(done), state.quorum, all_done, settled, deadline_passed
+    )
+    if state.phase == "train" and closing:
         late = tuple(s for s in state.sites if s not in done)
         return [Aggregate(state.round, reports, late)]
-    if state.phase == "validate" and (all_done or closing):
+    if state.phase == "validate" and closing:
         return []
     return actions
 

@@ -31,6 +31,7 @@ from fednnunet.keys import (
 from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
 from fednnunet.settings import Settings
 from fednnunet.site.policy import load_policy
+from fednnunet.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,9 @@ class SiteService:
     def plan_and_preprocess(self, task: SiteTask) -> SiteReport:
         opts = task.options
         fingerprint = None
-        if opts.method == "ffe":
+        if get_strategy(opts.method).federated_fingerprint:
             if task.merged_fingerprint is None:
-                raise FedError("FFE planning needs the merged fingerprint")
+                raise FedError(f"{opts.method} planning needs the merged fingerprint")
             fingerprint = self.store.get_json(task.merged_fingerprint)
         if self.settings.session == "standin":
             plans: dict = {"standin": self.settings.standin_model}
