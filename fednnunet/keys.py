@@ -2,8 +2,9 @@
 
 Every artifact is keyed by (experiment, phase, round, site) and written once.
 Site uploads live in the site's own bucket so that per-site S3 credentials can
-be scoped by bucket; everything the coordinator publishes lives in the global
-bucket, which sites may only read.
+be scoped by bucket; what the coordinator publishes to the sites lives in the
+global bucket, which sites may only read; what it keeps about the sites (history,
+journal, plots) lives in the coordinator bucket, which no site may read.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def site_bucket(bucket_prefix: str, site_id: str) -> str:
 
 
 def global_bucket(bucket_prefix: str) -> str:
+    """What every site may read: merged fingerprint, plans, global weights; nothing per site."""
     return f"{bucket_prefix}-global"
+
+
+def coordinator_bucket(bucket_prefix: str) -> str:
+    """What only the coordinator (and operators) may read: the journal, the round history
+    with each site's case count, metrics and quarantine reasons, summaries and plots."""
+    return f"{bucket_prefix}-coordinator"
 
 
 def artifact_key(experiment: str, phase: str, round_: int, site: str, name: str) -> str:

@@ -41,6 +41,7 @@ from fednnunet.keys import (
     COORDINATOR_QUEUE,
     PROGRESS_EXCHANGE,
     SITE_ID_RE,
+    coordinator_bucket,
     global_bucket,
     site_queue,
 )
@@ -117,7 +118,9 @@ def site_bucket(prefix: str, site: str) -> str:
 
 
 def all_buckets(prefix: str, sites: Iterable[str]) -> list[str]:
-    return [global_bucket(prefix)] + [site_bucket(prefix, s) for s in sites]
+    return [global_bucket(prefix), coordinator_bucket(prefix)] + [
+        site_bucket(prefix, s) for s in sites
+    ]
 
 
 def s3_identities(
@@ -131,7 +134,8 @@ def s3_identities(
     """SeaweedFS ``-s3.config`` identities: admin, plus one scoped identity per site.
 
     A site gets Read/Write/List/Tagging on its own bucket and Read/List on the
-    global bucket; nothing else (bucket-scoped actions ``Action:bucket``).
+    global bucket; nothing else (bucket-scoped actions ``Action:bucket``): in
+    particular not the coordinator bucket, which holds every site's history.
     """
     identities: list[dict] = [
         {
@@ -143,8 +147,11 @@ def s3_identities(
     # The coordinator reads what sites upload and writes the global bucket, nothing else:
     # it needs no admin keys (buckets are created here, at provisioning).
     coord_access, coord_secret = coordinator_s3_credentials(seed)
-    glob = global_bucket(prefix)
-    coord_actions = [f"Read:{glob}", f"Write:{glob}", f"List:{glob}"]
+    coord_actions = [
+        f"{action}:{bucket}"
+        for bucket in (global_bucket(prefix), coordinator_bucket(prefix))
+        for action in ("Read", "Write", "List")
+    ]
     for site in sites:
         own = site_bucket(prefix, site)
         coord_actions += [f"Read:{own}", f"List:{own}"]

@@ -256,11 +256,11 @@ def experiment_plot(
     Redis knows of a newer round, the picture is drawn here from that state.
     """
     from fednnunet.adapters.s3_store import ArtifactStore
-    from fednnunet.keys import global_bucket
+    from fednnunet.keys import coordinator_bucket
 
     settings = _settings(None, redis_url, s3_endpoint)
     store = ArtifactStore(settings, retry_total_s=10)
-    bucket = global_bucket(settings.bucket_prefix)
+    bucket = coordinator_bucket(settings.bucket_prefix)
     keys = sorted(
         k for k in store.list_keys(bucket, f"{experiment_id}/plots/") if k.endswith(".png")
     )

@@ -8,7 +8,6 @@ of sites.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,11 +222,9 @@ def aggregate_round(
         full, _ = average_files(paths, [factors[s] for s in participants], shared, aliases)
     # Serialized in memory and uploaded from there (one hash pass, no temporary file);
     # the store keeps a verified copy, so next round's screening downloads nothing.
-    meta = {
-        "participants": ",".join(participants),
-        "weights": json.dumps({s: round(weights[s], 12) for s in participants}),
-        "aggregation": aggregation,
-    }
+    # No per-site weights here: every site reads this header (they follow from the
+    # declared case counts, which the coordinator keeps to itself).
+    meta = {"participants": ",".join(participants), "aggregation": aggregation}
     data = encode_weights(full, meta)
     del full
     ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights", cache=True)

@@ -11,7 +11,6 @@ Redis loses it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import read_file_header
 from fednnunet.coordinator.aggregator import AggregationResult, aggregate_round
 from fednnunet.core import state_machine as sm
+from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.identity import SenderPolicy
 from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.keys import (
@@ -35,6 +35,7 @@ from fednnunet.keys import (
     PHASE_JOURNAL,
     PHASE_TRAIN,
     artifact_key,
+    coordinator_bucket,
     global_bucket,
     initial_weights_key,
     parse_progress_routing_key,
@@ -87,6 +88,8 @@ class Coordinator:
         self.send_task = send_task
         self.clock = clock
         self.global_bucket = global_bucket(settings.bucket_prefix)
+        # Per-site facts (history, journal, summaries, plots): not for the sites' eyes.
+        self.private_bucket = coordinator_bucket(settings.bucket_prefix)
         # Pictures are drawn off the critical path (the next round is already dispatched),
         # by a low-priority thread, at most every plot_every_s and once at the end: a
         # matplotlib render costs CPU that the sites' uploads and downloads need.
@@ -111,6 +114,7 @@ class Coordinator:
         for site in spec.sites:
             self.store.ensure_bucket(site_bucket(self.settings.bucket_prefix, site))
         self.store.ensure_bucket(self.global_bucket)
+        self.store.ensure_bucket(self.private_bucket)
         initial = self._checked_initial_weights(spec)
         state = sm.new_experiment(
             spec.experiment_id,
@@ -375,7 +379,7 @@ class Coordinator:
         key = artifact_key(
             state.experiment_id, PHASE_FINGERPRINT, 0, GLOBAL_SITE, "dataset_fingerprint.json"
         )
-        return self._put_once_json(key, merged, kind="merged_fingerprint")
+        return self._put_once_json(self.global_bucket, key, merged, kind="merged_fingerprint")
 
     def _aggregate(self, state: sm.ExperimentState, action: sm.Aggregate, now: float) -> None:
         key = artifact_key(
@@ -455,13 +459,16 @@ class Coordinator:
                     raise
         _, _, meta = read_file_header(self.store.get_file(existing))
         participants = [p for p in meta.get("participants", "").split(",") if p]
+        participants = participants or [r.site_id for r in reports]
+        # The weights are not in the global's header (every site reads it, and they
+        # would tell each site the others' case counts): the same pure function again.
+        reported = {r.site_id: r.num_cases for r in reports}
+        declared = {p: state.declared_cases.get(p, reported.get(p, 0)) for p in participants}
         try:
-            weights = {str(k): float(v) for k, v in json.loads(meta.get("weights", "{}")).items()}
-        except (ValueError, AttributeError):
+            weights = capped_weights(declared, state.max_site_weight)
+        except ValueError:
             weights = {}
-        return AggregationResult(
-            existing, participants or [r.site_id for r in reports], weights=weights
-        )
+        return AggregationResult(existing, participants, weights=weights)
 
     def _write_final(self, state: sm.ExperimentState) -> None:
         if state.global_weights is None:
@@ -474,7 +481,7 @@ class Coordinator:
             "rounds": [r.model_dump() for r in state.history],
         }
         key = artifact_key(state.experiment_id, PHASE_FINAL, 0, GLOBAL_SITE, "summary.json")
-        self._put_once_json(key, summary, kind="final_summary")
+        self._put_once_json(self.private_bucket, key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
         if not self.render_plots or not state.history:
@@ -492,17 +499,17 @@ class Coordinator:
             from fednnunet.coordinator.plots import render_png
 
             key = plot_key(state.experiment_id, state.history[-1].round)
-            if self.store.stat(self.global_bucket, key) is None:
-                self.store.put_bytes(self.global_bucket, key, render_png(state), kind="plot")
+            if self.store.stat(self.private_bucket, key) is None:
+                self.store.put_bytes(self.private_bucket, key, render_png(state), kind="plot")
         except Exception:  # noqa: BLE001 - a picture must never stop training
             log.exception("rendering the progress plot failed")
 
     # ------------------------------------------------------------ persistence
-    def _put_once_json(self, key: str, obj: object, kind: str) -> ArtifactRef:
+    def _put_once_json(self, bucket: str, key: str, obj: object, kind: str) -> ArtifactRef:
         try:
-            return self.store.put_json(self.global_bucket, key, obj, kind=kind)
+            return self.store.put_json(bucket, key, obj, kind=kind)
         except IntegrityError:
-            ref = self.store.stat(self.global_bucket, key)
+            ref = self.store.stat(bucket, key)
             if ref is None:  # refused as existing, yet gone: S3 is not what we think it is
                 raise
             return ref
@@ -535,21 +542,23 @@ class Coordinator:
         exp = state.experiment_id
         for record in state.history[self._history_journaled.get(exp, 0) :]:
             key = artifact_key(exp, PHASE_HISTORY, record.round, GLOBAL_SITE, "round.json")
-            self._put_once_json(key, record.model_dump(mode="json"), kind="journal")
+            self._put_once_json(
+                self.private_bucket, key, record.model_dump(mode="json"), kind="journal"
+            )
         self._history_journaled[exp] = len(state.history)
         snapshot = state.model_dump(mode="json", exclude={"history"})
         snapshot[_HISTORY_LEN] = len(state.history)
         key = artifact_key(
             exp, PHASE_JOURNAL, state.round, GLOBAL_SITE, f"{state.seq:06d}-{state.phase}.json"
         )
-        self._put_once_json(key, snapshot, kind="journal")
+        self._put_once_json(self.private_bucket, key, snapshot, kind="journal")
 
     def _latest_journal(self, experiment_id: str) -> sm.ExperimentState | None:
-        keys = self.store.list_keys(self.global_bucket, f"{experiment_id}/{PHASE_JOURNAL}/")
+        keys = self.store.list_keys(self.private_bucket, f"{experiment_id}/{PHASE_JOURNAL}/")
         if not keys:
             return None
         latest = max(keys, key=lambda k: k.rsplit("/", 1)[-1])
-        ref = self.store.stat(self.global_bucket, latest)
+        ref = self.store.stat(self.private_bucket, latest)
         if ref is None:
             return None
         snapshot = self.store.get_json(ref)
@@ -566,10 +575,10 @@ class Coordinator:
         return state
 
     def _journaled_history(self, experiment_id: str) -> list[sm.RoundRecord]:
-        keys = self.store.list_keys(self.global_bucket, f"{experiment_id}/{PHASE_HISTORY}/")
+        keys = self.store.list_keys(self.private_bucket, f"{experiment_id}/{PHASE_HISTORY}/")
         records = []
         for key in sorted(keys):  # r00001 < r00002 < ...
-            ref = self.store.stat(self.global_bucket, key)
+            ref = self.store.stat(self.private_bucket, key)
             if ref is not None:
                 records.append(sm.RoundRecord.model_validate(self.store.get_json(ref)))
         return records
@@ -579,7 +588,7 @@ class Coordinator:
         restored = []
         prefixes = {
             k.split("/", 1)[0]
-            for k in self.store.list_keys(self.global_bucket, "")
+            for k in self.store.list_keys(self.private_bucket, "")
             if f"/{PHASE_JOURNAL}/" in k
         }
         for exp in sorted(prefixes):

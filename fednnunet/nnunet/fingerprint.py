@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -214,6 +215,32 @@ def check_raw_dataset(folder: Path) -> dict:
             f"but imagesTr has {len(cases)} cases"
         )
     return ds_json
+
+
+def local_case_identifiers(dataset_id: int, raw_root: Path | None = None) -> set[str]:
+    """Every case identifier this site's raw dataset names (what must never leave it).
+
+    Taken from the file names in imagesTr/labelsTr (channel suffix and ending removed),
+    whatever state the dataset is in; an unreadable dataset yields what could be read.
+    """
+    found: set[str] = set()
+    try:
+        with nnunet_env(raw_root, None):
+            from nnunetv2.paths import nnUNet_raw
+            from nnunetv2.utilities.dataset_name_id_conversion import (
+                maybe_convert_to_dataset_name,
+            )
+
+            folder = Path(os.fspath(nnUNet_raw)) / maybe_convert_to_dataset_name(dataset_id)
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            for path in (folder / sub).glob("*"):
+                stem = path.name.split(".", 1)[0]
+                found.add(stem)
+                if sub != "labelsTr" and re.fullmatch(r".+_\d{4}", stem):
+                    found.add(stem[:-5])
+    except (OSError, RuntimeError, TypeError, ValueError):
+        pass
+    return found
 
 
 def extract_site_fingerprint(

@@ -97,6 +97,11 @@ class SiteService:
                 self.progress.end()
 
     def _fail(self, task: SiteTask, error: str, t0: float, retryable: bool = True) -> SiteReport:
+        """The failure report: its text names no case, file or path (the log keeps those)."""
+        from fednnunet.core.redaction import redact_error
+        from fednnunet.nnunet.fingerprint import local_case_identifiers
+
+        error = redact_error(error, local_case_identifiers(self.dataset_id))
         return SiteReport(
             experiment_id=task.experiment_id,
             site_id=self.site_id,

@@ -11,7 +11,7 @@ from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.coordinator.service import Coordinator
 from fednnunet.core import state_machine as sm
-from fednnunet.keys import PHASE_HISTORY, PHASE_JOURNAL, global_bucket
+from fednnunet.keys import PHASE_HISTORY, PHASE_JOURNAL, coordinator_bucket, global_bucket
 from fednnunet.messages import ArtifactRef
 
 pytestmark = pytest.mark.integration
@@ -34,22 +34,24 @@ def _record(round_: int, bucket: str) -> sm.RoundRecord:
 def journaled(stack, unique_id):
     settings = stack.model_copy(update={"bucket_prefix": unique_id("fedtest-j")})
     store = ArtifactStore(settings)
-    store.ensure_bucket(global_bucket(settings.bucket_prefix))
+    buckets = [global_bucket(settings.bucket_prefix), coordinator_bucket(settings.bucket_prefix)]
+    for bucket in buckets:
+        store.ensure_bucket(bucket)
     redis = RedisState(settings.redis_url, namespace=unique_id("fedtest-ns"))
     coordinator = Coordinator(settings, redis, store, send_task=lambda task: None)
     yield coordinator
-    bucket = global_bucket(settings.bucket_prefix)
     from minio.deleteobjects import DeleteObject
 
-    keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
-    list(store.client.remove_objects(bucket, keys))
-    store.client.remove_bucket(bucket)
+    for bucket in buckets:
+        keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
+        list(store.client.remove_objects(bucket, keys))
+        store.client.remove_bucket(bucket)
     for key in redis.r.scan_iter(f"{redis.ns}:*"):
         redis.r.delete(key)
 
 
 def _snapshot_sizes(coordinator: Coordinator, exp: str) -> list[int]:
-    store, bucket = coordinator.store, coordinator.global_bucket
+    store, bucket = coordinator.store, coordinator.private_bucket
     refs = [store.stat(bucket, k) for k in store.list_keys(bucket, f"{exp}/{PHASE_JOURNAL}/")]
     return [r.size for r in refs if r is not None]
 
@@ -57,9 +59,9 @@ def _snapshot_sizes(coordinator: Coordinator, exp: str) -> list[int]:
 def test_snapshots_do_not_grow_with_rounds_and_recovery_restores_history(journaled):
     coordinator = journaled
     state = sm.new_experiment("exp-j", "asym", ["a", "b"], 60, 2, {}, time.time())
-    bucket = coordinator.global_bucket
+    bucket = coordinator.private_bucket
     for closed in (1, 60):  # journal after round 1, then after round 60
-        state.history = [_record(r, bucket) for r in range(1, closed + 1)]
+        state.history = [_record(r, coordinator.global_bucket) for r in range(1, closed + 1)]
         state.round, state.seq = closed + 1, state.seq + 1
         coordinator._journal(state)
 
@@ -83,7 +85,7 @@ def test_snapshot_counting_more_rounds_than_s3_holds_is_refused(journaled):
     state.history = [_record(r, coordinator.global_bucket) for r in (1, 2)]
     state.round, state.seq = 3, 1
     coordinator._journal(state)
-    store, bucket = coordinator.store, coordinator.global_bucket
+    store, bucket = coordinator.store, coordinator.private_bucket
     store.client.remove_object(bucket, store.list_keys(bucket, f"exp-k/{PHASE_HISTORY}/")[-1])
     coordinator.redis.r.delete(coordinator.redis._k("exp-k", "state"))
     with pytest.raises(Exception, match="counts 2 rounds but S3 holds 1"):

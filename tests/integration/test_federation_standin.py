@@ -71,6 +71,23 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
         assert len(updates) == 3
         assert all(e["bucket"] == f"{stack.bucket_prefix}-site-{site}" for e in entries)
         assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in entries)
+    # What every site can read (the global bucket) holds nothing per site: the round
+    # history, journal, summary and plots are in the coordinator's own bucket.
+    from fednnunet.adapters.weights_codec import read_file_header
+    from fednnunet.keys import coordinator_bucket, global_bucket
+
+    global_keys = store.list_keys(global_bucket(stack.bucket_prefix), f"{spec.experiment_id}/")
+    assert global_keys and all(k.split("/")[3] == "global" for k in global_keys), global_keys
+    assert {k.rsplit("/", 1)[1] for k in global_keys} <= {
+        "dataset_fingerprint.json",
+        "weights.safetensors",
+    }, global_keys
+    for record in state.history:
+        _, _, meta = read_file_header(store.get_file(record.global_weights))
+        assert set(meta) <= {"participants", "aggregation", "fednnunet.aliases"}, meta
+    private = store.list_keys(coordinator_bucket(stack.bucket_prefix), f"{spec.experiment_id}/")
+    phases = {k.split("/")[1] for k in private}
+    assert {"history", "journal", "final"} <= phases, phases
     # Redis holds the state under the experiment's namespace.
     assert RedisState.from_settings(stack).load(spec.experiment_id).phase == "done"
 

@@ -14,7 +14,12 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from fednnunet.adapters.provisioning import global_bucket, site_bucket, site_s3_credentials
+from fednnunet.adapters.provisioning import (
+    coordinator_bucket,
+    global_bucket,
+    site_bucket,
+    site_s3_credentials,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +55,10 @@ def s3(stack):
     key = f"isolation-test/{secrets.token_hex(4)}/obj.bin"
     _put(admin, global_bucket(prefix), key, b"global-weights")
     _put(admin, site_bucket(prefix, SITE_B), key, b"site-b-private")
+    _put(admin, coordinator_bucket(prefix), key, b"history: site 902 has 7 cases")
     yield admin, site_a, prefix, key
-    for b in (global_bucket(prefix), site_bucket(prefix, SITE_A), site_bucket(prefix, SITE_B)):
+    buckets = (global_bucket(prefix), coordinator_bucket(prefix))
+    for b in buckets + (site_bucket(prefix, SITE_A), site_bucket(prefix, SITE_B)):
         for name in (key, key + ".a"):
             admin.remove_object(b, name)
 
@@ -107,3 +114,23 @@ def test_coordinator_identity_reads_sites_and_writes_only_the_global_bucket(s3, 
     _put(coord, global_bucket(prefix), key + ".a", b"new global")
     assert _denied(lambda: _put(coord, site_bucket(prefix, SITE_A), key + ".a", b"forged"))
     assert _denied(lambda: coord.make_bucket(f"{prefix}-site-new{secrets.token_hex(2)}"))
+
+
+def test_site_cannot_read_the_per_site_history(s3):
+    """The coordinator bucket (round history with every site's case count, metrics and
+    quarantine reasons; journal; plots) is closed to site credentials."""
+    admin, site_a, prefix, key = s3
+    private = coordinator_bucket(prefix)
+    assert _denied(lambda: site_a.get_object(private, key).read()) == "AccessDenied"
+    assert _denied(lambda: list(site_a.list_objects(private, recursive=True))) == "AccessDenied"
+    assert _denied(lambda: _put(site_a, private, key, b"forged history")) == "AccessDenied"
+    assert admin.get_object(private, key).read() == b"history: site 902 has 7 cases"
+
+
+def test_coordinator_identity_keeps_its_own_bucket(s3, stack):
+    from fednnunet.adapters.provisioning import coordinator_s3_credentials
+
+    _, _, prefix, key = s3
+    coord = _client(stack, *coordinator_s3_credentials())
+    _put(coord, coordinator_bucket(prefix), key + ".a", b"round record")
+    assert coord.get_object(coordinator_bucket(prefix), key + ".a").read() == b"round record"

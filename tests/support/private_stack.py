@@ -105,6 +105,10 @@ def ensure_s3(access: str, secret: str, prefix: str, state_dir: Path = STATE_DIR
             "access": access,
             "secret_sha256": hashlib.sha256(secret.encode()).hexdigest(),
             "prefix": prefix,
+            # A changed identity layout (new bucket, new rights) needs a fresh server.
+            "identities_sha256": hashlib.sha256(
+                json.dumps(_identities(access, secret, prefix), sort_keys=True).encode()
+            ).hexdigest(),
         }
         if rec and _ours_and_alive(rec, state_dir):
             if rec.get("config") == want and _answers(rec["endpoint"]):
