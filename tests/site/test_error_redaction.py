@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.core.redaction import redact_error
 from fednnunet.messages import SiteTask, TrainingOptions
 from fednnunet.nnunet.demo_data import make_demo_federation
 from fednnunet.nnunet.env import make_nnunet_dirs
-from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.site.service import SiteService
 
 
