@@ -8,10 +8,11 @@ Written, never committed (git-ignored, mode 600):
   deploy/.env                        secrets + settings docker compose interpolates; the random
                                      FEDNNUNET_CREDENTIAL_SEED every per-site secret derives from
   deploy/.generated/definitions.json RabbitMQ users, permissions, topic permissions, topology
-  deploy/.generated/identities.json  SeaweedFS S3 identities (admin + one scoped per site)
+  deploy/.generated/identities.json  SeaweedFS S3 identities (admin, coordinator, one per site)
 
 Committed (no secrets; ``--check`` compares them with provisioning):
   deploy/minio/site-<id>.json        MinIO policy per site (the ``minio`` override file)
+  deploy/minio/coordinator.json      MinIO policy of the coordinator
 
 Why: a committed file with working passwords is a working password for everyone who
 has the repository. Each installation draws its own on first init.
@@ -33,7 +34,9 @@ from fednnunet.adapters.provisioning import (  # noqa: E402
     COORDINATOR_USER,
     DEFAULT_PREFIX,
     DEFAULT_SITES,
+    coordinator_s3_credentials,
     derive_secret,
+    minio_coordinator_policy,
     minio_site_policy,
     rabbitmq_definitions,
     s3_identities,
@@ -97,6 +100,8 @@ def render_env(sites: list[str], prefix: str, old: dict[str, str], rotate: bool)
     values["FLOWER_BASIC_AUTH"] = f"admin:{keep('FLOWER_PASSWORD')}"
     values["FLOWER_PASSWORD"] = values["FLOWER_BASIC_AUTH"].split(":", 1)[1]
     values["COORDINATOR_AMQP_PASSWORD"] = derive_secret(seed, "amqp", COORDINATOR_USER)
+    # The coordinator's scoped S3 identity (no admin keys outside s3-init).
+    values["COORDINATOR_S3_SECRET"] = coordinator_s3_credentials(seed)[1]
     for site in sites:
         k = _env_key(site)
         values[f"SITE_{k}_AMQP_PASSWORD"] = site_amqp_credentials(site, seed)[1]
@@ -123,7 +128,10 @@ def secret_outputs(env: dict[str, str]) -> dict[Path, str]:
 
 def committed_outputs(sites: list[str], prefix: str = DEFAULT_PREFIX) -> dict[Path, str]:
     policies = {s: json.dumps(minio_site_policy(prefix, s), indent=2) + "\n" for s in sites}
-    return {DEPLOY / "minio" / f"site-{s}.json": text for s, text in policies.items()}
+    out = {DEPLOY / "minio" / f"site-{s}.json": text for s, text in policies.items()}
+    coordinator = minio_coordinator_policy(prefix, sites)
+    out[DEPLOY / "minio" / "coordinator.json"] = json.dumps(coordinator, indent=2) + "\n"
+    return out
 
 
 def _write_private(path: Path, text: str) -> None:

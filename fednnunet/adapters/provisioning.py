@@ -184,6 +184,33 @@ def s3_identities(
     return {"identities": identities}
 
 
+def minio_coordinator_policy(prefix: str, sites: Sequence[str]) -> dict:
+    """IAM policy of the coordinator for MinIO: same rights as in :func:`s3_identities`
+    (read every site bucket; read and write the global and the coordinator bucket)."""
+    own = [global_bucket(prefix), coordinator_bucket(prefix)]
+    site_buckets = [site_bucket(prefix, s) for s in sites]
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+                "Resource": [f"arn:aws:s3:::{b}" for b in own + site_buckets],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": [f"arn:aws:s3:::{b}/*" for b in own],
+            },
+            {
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:aws:s3:::{b}/*" for b in site_buckets],
+            },
+        ],
+    }
+
+
 def minio_site_policy(prefix: str, site: str) -> dict:
     """IAM policy for MinIO (docker-compose stack): same rights as :func:`s3_identities`."""
     own, glob = site_bucket(prefix, site), global_bucket(prefix)

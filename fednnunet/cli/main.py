@@ -126,6 +126,11 @@ def experiment_start(
     rounds: int = typer.Option(None, "--rounds"),
     experiment_id: str = typer.Option(None, "--id"),
     watch: bool = typer.Option(False, "--watch", help="follow it live"),
+    accept_timeout: float = typer.Option(
+        600.0,
+        "--accept-timeout",
+        help="with --watch: seconds to wait for the coordinator to take the experiment",
+    ),
     broker_url: str = BrokerOpt,
     redis_url: str = RedisOpt,
 ) -> None:
@@ -148,7 +153,7 @@ def experiment_start(
     submit(settings, spec)
     console.print(f"queued experiment [bold]{spec.experiment_id}[/] for sites {spec.sites}")
     if watch:
-        _watch(settings, spec.experiment_id)
+        _watch(settings, spec.experiment_id, accept_timeout_s=accept_timeout)
 
 
 def _load_state(settings: Settings, experiment_id: str):
@@ -190,21 +195,50 @@ def experiment_status(
         console.print(render(*args))
 
 
-def _watch(settings: Settings, experiment_id: str, once_done: bool = True) -> None:
+def _wait_until_accepted(settings: Settings, experiment_id: str, timeout_s: float):
+    """(redis, state) once the coordinator has created the experiment.
+
+    The start request waits in a durable queue, so a coordinator that is still starting
+    (a container coming up, a restart) takes it later: wait for it, say so once, and
+    stop early with the coordinator's own reason if it refused the request.
+    """
+    from fednnunet.adapters.redis_state import RedisState
+
+    redis = RedisState.from_settings(settings)
+    redis.ping()
+    deadline, told = time.monotonic() + timeout_s, False
+    while True:
+        state = redis.load(experiment_id)
+        if state is not None:
+            return redis, state
+        counts, latest = redis.refusals(experiment_id)
+        starts = [r for r in latest if r.get("kind") == "start"]
+        if starts:
+            raise FedError(f"the coordinator refused to start {experiment_id}: "
+                           f"{starts[0].get('reason', 'no reason given')}")  # fmt: skip
+        if time.monotonic() > deadline:
+            raise FedError(
+                f"experiment {experiment_id} was queued but no coordinator took it within "
+                f"{timeout_s:.0f} s: is `fednnunet coordinator` running on this broker?"
+            )
+        if not told:
+            console.print(f"waiting for the coordinator to take {experiment_id} …")
+            told = True
+        time.sleep(0.5)
+
+
+def _watch(
+    settings: Settings, experiment_id: str, once_done: bool = True, accept_timeout_s: float = 0
+) -> None:
     from rich.live import Live
 
     from fednnunet.cli.view import render
     from fednnunet.core.state_machine import TERMINAL
 
-    redis, state = None, None
-    deadline = time.monotonic() + 30
-    while state is None:
-        try:
-            redis, state = _load_state(settings, experiment_id)
-        except FedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    if accept_timeout_s > 0:
+        redis, state = _wait_until_accepted(settings, experiment_id, accept_timeout_s)
+    else:
+        redis, state = _load_state(settings, experiment_id)
     with Live(console=console, refresh_per_second=2) as live:
         while True:
             state = redis.load(experiment_id)

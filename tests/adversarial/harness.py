@@ -80,11 +80,16 @@ def open_consortium(base: Settings, tmp: Path) -> Consortium:
     tag = secrets.token_hex(3)
     vhost = f"fednnunet-adv-{tag}"
     access, secret = f"adm{tag}", secrets.token_hex(16)
-    s3 = PrivateS3(tmp / "s3", free_port_block(), access, secret)
-    s3.start()
     coord_user, coord_pw, seed = f"coordinator-{tag}", secrets.token_hex(12), secrets.token_hex(8)
     site_ids = [f"{short}{tag}" for short in (*HONEST, EVIL)]
+    prefix = f"adv{tag}"
+    # Every party with its own scoped S3 identity, as provisioned for production: the
+    # coordinator may not write a site's bucket, a site may not read another's.
+    identities = prov.s3_identities(access, secret, site_ids, prefix, seed=seed)
+    s3 = PrivateS3(tmp / "s3", free_port_block(), access, secret, identities=identities)
+    s3.start()
     try:
+        _make_buckets(s3.endpoint, access, secret, prov.all_buckets(prefix, site_ids))
         db = claim_redis_db(base.redis_url, tag)
         _import_broker_definitions(tmp, vhost, site_ids, coord_user, coord_pw, seed)
     except BaseException:
@@ -93,21 +98,28 @@ def open_consortium(base: Settings, tmp: Path) -> Consortium:
     common = dict(
         redis_url=base.redis_url.rsplit("/", 1)[0] + f"/{db}",
         s3_endpoint=s3.endpoint,
-        s3_access_key=access,
-        s3_secret_key=secret,
-        bucket_prefix=f"adv{tag}",
+        bucket_prefix=prefix,
         development=False,
         heartbeat_interval_s=1.0,
     )
-    coordinator = Settings(broker_url=prov.broker_url(coord_user, coord_pw, vhost=vhost), **common)
+    coord_access, coord_secret = prov.coordinator_s3_credentials(seed)
+    coordinator = Settings(
+        broker_url=prov.broker_url(coord_user, coord_pw, vhost=vhost),
+        s3_access_key=coord_access,
+        s3_secret_key=coord_secret,
+        **common,
+    )
     sites: dict[str, Settings] = {}
     users = [coord_user]
     for site in site_ids:
         user, pw = prov.site_amqp_credentials(site, seed)
         users.append(user)
         short = site[: -len(tag)]
+        site_access, site_secret = prov.site_s3_credentials(site, seed)
         sites[site] = Settings(
             broker_url=prov.broker_url(user, pw, vhost=vhost),
+            s3_access_key=site_access,
+            s3_secret_key=site_secret,
             site_id=site,
             dataset_id=HONEST.index(short) + 11 if short in HONEST else 13,
             session="standin",
@@ -128,6 +140,15 @@ def open_consortium(base: Settings, tmp: Path) -> Consortium:
         "nnUNet_results": str(tmp),
     }
     return Consortium(tag, vhost, coordinator, sites, env, tmp, s3, users)
+
+
+def _make_buckets(endpoint: str, access: str, secret: str, buckets: list[str]) -> None:
+    """Provisioning's job, with the admin keys (no party below may create buckets)."""
+    from minio import Minio
+
+    admin = Minio(endpoint, access_key=access, secret_key=secret, secure=False)
+    for bucket in buckets:
+        admin.make_bucket(bucket)
 
 
 def _import_broker_definitions(

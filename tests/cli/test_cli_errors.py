@@ -91,3 +91,19 @@ def test_unreachable_services_named_with_url(tmp_path):
 def test_status_of_unknown_experiment(stack):
     code, out = _run(["experiment", "status", "no-such-exp"])
     assert code == 2 and "no experiment 'no-such-exp'" in out
+
+
+@pytest.mark.integration
+def test_watch_waits_for_the_coordinator_and_says_why_it_stopped(stack, unique_id):
+    """`start --watch`: a refused start ends at once with the coordinator's reason; with no
+    coordinator, one line after the accept timeout (not a bare 'no experiment')."""
+    from fednnunet.adapters.redis_state import RedisState
+    from fednnunet.cli.main import _wait_until_accepted
+    from fednnunet.errors import FedError
+
+    exp = unique_id("watch-")
+    with pytest.raises(FedError, match="no coordinator took it within 1 s"):
+        _wait_until_accepted(stack, exp, timeout_s=1.0)
+    RedisState.from_settings(stack).record_refusal(exp, "start", "start from non-operator x", "x")
+    with pytest.raises(FedError, match="refused to start .*non-operator x"):
+        _wait_until_accepted(stack, exp, timeout_s=60.0)

@@ -378,3 +378,39 @@ def test_docker_compose_config_offline(tmp_path, dotenv):
                 cwd=DEPLOY,
             )
             assert r.returncode == 0, (cmd, files, r.stderr)
+
+
+def test_only_s3_init_holds_the_admin_keys(compose, dotenv):
+    """The coordinator runs with its scoped S3 identity, never as the S3 admin."""
+    admin_secret = dotenv["S3_ADMIN_SECRET_KEY"]
+    for name, svc in compose["services"].items():
+        env = {k: _interpolate(v, dotenv) for k, v in _env(svc).items()}
+        if name == "s3-init":
+            assert env["FEDNNUNET_S3_SECRET_KEY"] == admin_secret
+            continue
+        if name == "s3":
+            continue  # the server itself is given its admin identity
+        assert admin_secret not in env.values(), name
+    coordinator = _env(compose["services"]["coordinator"])
+    coord = {k: _interpolate(v, dotenv) for k, v in coordinator.items()}
+    assert coord["FEDNNUNET_S3_ACCESS_KEY"] == "coordinator"
+    ident = json.loads(gen_secret_identities(dotenv))
+    by_name = {i["name"]: i for i in ident["identities"]}
+    assert by_name["coordinator"]["credentials"][0]["secretKey"] == coord["FEDNNUNET_S3_SECRET_KEY"]
+
+
+def gen_secret_identities(dotenv: dict[str, str]) -> str:
+    gen = _load_generate()
+    outputs = gen.secret_outputs(dotenv)
+    return next(text for path, text in outputs.items() if path.name == "identities.json")
+
+
+def test_minio_coordinator_policy_reads_sites_writes_own_buckets():
+    pol = json.loads((DEPLOY / "minio" / "coordinator.json").read_text())
+    writes = {r for s in pol["Statement"] if "s3:PutObject" in s["Action"] for r in s["Resource"]}
+    assert writes == {"arn:aws:s3:::fednnunet-global/*", "arn:aws:s3:::fednnunet-coordinator/*"}
+    reads = {r for s in pol["Statement"] if "s3:GetObject" in s["Action"] for r in s["Resource"]}
+    assert {f"arn:aws:s3:::fednnunet-site-{s}/*" for s in ("901", "902", "903")} <= reads
+    for site in ("901", "902", "903"):
+        site_pol = json.loads((DEPLOY / "minio" / f"site-{site}.json").read_text())
+        assert "fednnunet-coordinator" not in json.dumps(site_pol)

@@ -399,9 +399,20 @@ class PrivateS3(WeedServer):
     directory brings the same objects back.
     """
 
-    def __init__(self, data_dir: Path, port: int, access_key: str, secret_key: str) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        access_key: str,
+        secret_key: str,
+        identities: dict | None = None,
+    ) -> None:
+        """``identities``: the full identity set (default: the admin alone)."""
         super().__init__(
-            data_dir, admin_identities(access_key, secret_key), port=port, stop_grace_s=20
+            data_dir,
+            identities or admin_identities(access_key, secret_key),
+            port=port,
+            stop_grace_s=20,
         )
 
     def answers(self) -> bool:
