@@ -250,16 +250,14 @@ def run_ours(sleep_s: float, rounds: int, workdir: Path) -> dict:
 def _collect(
     state, store, settings, spec, sites, sleep_s: float, watch: PeakWatch, s3_watch: PeakWatch
 ) -> dict:
-    from fednnunet.keys import PHASE_TRAIN, artifact_key, site_bucket
+    from fednnunet.keys import site_bucket, site_update_key
 
     out = []
     prev_global = 0
     for rec in state.history:
         ups = []
         for site in sites:
-            key = artifact_key(
-                spec.experiment_id, PHASE_TRAIN, rec.round, site, "update.safetensors"
-            )
+            key = site_update_key(spec.experiment_id, rec.round, site)
             ref = store.stat(site_bucket(settings.bucket_prefix, site), key)
             ups.append(ref.size if ref else 0)
         wall = rec.closed_at - rec.opened_at
@@ -352,10 +350,12 @@ def flower_client(port: int, index: int, sleep_s: float, workdir: str) -> None:
     import flwr as fl
     import torch
 
+    from fednnunet.messages import ExperimentOptions
     from fednnunet.site.standin import StandInSession
 
+    options = ExperimentOptions(configuration="2d", fold=0)
     session = StandInSession(
-        70 + index, "2d", 0, model=MODEL, sleep_s=sleep_s, workdir=Path(workdir) / str(index)
+        70 + index, options, model=MODEL, sleep_s=sleep_s, workdir=Path(workdir) / str(index)
     )
     keys = list(session.state_dict())
 
@@ -466,13 +466,20 @@ def standin_compute_cpu_s(repeats: int = 3) -> float:
     """CPU seconds of one stand-in 'epoch' (weight nudging) alone: not federation overhead."""
     import torch
 
+    from fednnunet.messages import ExperimentOptions
     from fednnunet.site.standin import StandInSession
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the site workers run it (1 thread each)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            session = StandInSession(1, "2d", 0, model=MODEL, sleep_s=0.0, workdir=Path(tmp))
+            session = StandInSession(
+                1,
+                ExperimentOptions(configuration="2d", fold=0),
+                model=MODEL,
+                sleep_s=0.0,
+                workdir=Path(tmp),
+            )
             samples = []
             for _ in range(repeats):
                 c0 = time.process_time()

@@ -150,21 +150,20 @@ def _train_and_validate(
 ) -> tuple[float, dict]:
     """Train one dataset alone (2d, fold 0, one torch thread) and validate it like
     nnU-Net: (training seconds, nnU-Net's validation result)."""
+    from fednnunet.messages import ExperimentOptions
     from fednnunet.nnunet.session import FederatedTrainingSession
 
     t0 = time.perf_counter()
-    session = FederatedTrainingSession(
-        dataset_id,
-        "2d",
-        0,
+    options = ExperimentOptions(
+        configuration="2d",
+        fold=0,
         device="cpu",
-        total_epochs=epochs,
+        rounds=epochs,  # one epoch per "round": nnU-Net's schedule spans all of them
         iterations_per_epoch=iterations,
         val_iterations_per_epoch=val_iterations,
         seed=seed,
-        torch_threads=1,
-        da_processes=0,
     )
+    session = FederatedTrainingSession(dataset_id, options, torch_threads=1, da_processes=0)
     session.train_epochs(epochs)
     t_train = time.perf_counter() - t0
     result = session.finish(run_validation=True, validation_processes=validation_processes)

@@ -8,11 +8,17 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from fednnunet.strategies import MethodName
-
-Phase = Literal["fingerprint", "plan", "train", "validate"]
+from fednnunet.phases import Phase
+from fednnunet.strategies import MethodName, Strategy, get_strategy
 
 # Bounds on what a site may send: anything larger is refused, not stored.
 MAX_METRICS = 64
@@ -98,25 +104,71 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 PYTHON_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
-class TrainingOptions(BaseModel):
-    """What a site needs to run nnU-Net; derived from the experiment spec.
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
-    A site validates these before running anything: every name that ends up in a
-    path is a plain name (no separator, no ``..``), every count is bounded.
+
+class ExperimentOptions(BaseModel):
+    """Every option of an experiment, in one model carried unchanged from the spec into
+    the coordinator's state, every site task and the site's training session.
+
+    Adding an option = one field here + the code that uses it. A site validates these
+    before running anything: every name that ends up in a path is a plain name (no
+    separator, no ``..``), every count is bounded.
     """
 
-    configuration: str = Field(pattern=NAME_PATTERN)
-    fold: Fold
+    # What the sites train (nnUNetv2_train's dataset-independent arguments).
+    configuration: str = "3d_fullres"
+    fold: Fold = 0
     trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
     plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
-    method: MethodName = "ffe"
-    rounds: int = Field(default=1, ge=1, le=100_000)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    iterations_per_epoch: int = Field(default=250, ge=1, le=100_000)
-    val_iterations_per_epoch: int = Field(default=50, ge=1, le=100_000)
     device: Literal["cuda", "cpu", "mps"] = "cuda"
     seed: int = 12345
     export_npz: bool = False
+    # How the federation trains.
+    method: MethodName = "ffe"
+    rounds: int = Field(default=1000, ge=1, le=100_000)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    iterations_per_epoch: int = Field(default=250, ge=1, le=100_000)
+    val_iterations_per_epoch: int = Field(default=50, ge=1, le=100_000)
+    # fedavg (case-weighted mean) or trimmed_mean (robust to a minority of bad updates).
+    aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
+    # Largest share of the average one site may have, e.g. 0.5 (default: case-weighted).
+    max_site_weight: float | None = Field(default=None, gt=0, le=1)
+    # How the coordinator waits for sites (quorum None: every site).
+    quorum: int | None = Field(default=None, ge=1)
+    round_deadline_s: float | None = Field(default=None, gt=0)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # End the experiment after this phase (fingerprint: FFE only).
+    stop_after: Phase | None = None
+
+    @field_validator("configuration")
+    @classmethod
+    def _known_configuration(cls, v: str) -> str:
+        if v not in CONFIGURATIONS:
+            raise ValueError(f"unknown configuration {v!r}; one of {', '.join(CONFIGURATIONS)}")
+        return v
+
+    @field_validator("stop_after")
+    @classmethod
+    def _stop_phase(cls, v: Phase | None) -> Phase | None:
+        if v not in (None, Phase.FINGERPRINT, Phase.PLAN):
+            raise ValueError(f"must be {Phase.FINGERPRINT} or {Phase.PLAN}, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stop_after_fingerprint_needs_one(self) -> ExperimentOptions:
+        if self.stop_after == Phase.FINGERPRINT and not self.strategy.federated_fingerprint:
+            raise ValueError(
+                f"stop_after=fingerprint needs a method with a federated fingerprint, "
+                f"not {self.method}"
+            )
+        return self
+
+    @property
+    def strategy(self) -> Strategy:
+        """The federated method's decisions (fednnunet/strategies/)."""
+        return get_strategy(self.method)
 
 
 class SiteTask(BaseModel):
@@ -127,7 +179,7 @@ class SiteTask(BaseModel):
     phase: Phase
     round: int = Field(default=0, ge=0, le=100_000)
     attempt: int = Field(default=1, ge=1, le=1000)
-    options: TrainingOptions
+    options: ExperimentOptions
     # Inputs, by phase: merged fingerprint (plan, FFE), global weights (train, round>1),
     # expected plans hash (train, FFE).
     merged_fingerprint: ArtifactRef | None = None

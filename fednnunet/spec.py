@@ -4,45 +4,25 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from fednnunet.errors import FedError, SpecError
 from fednnunet.keys import EXPERIMENT_ID_RE, IDLE_EXPERIMENT, SITE_ID_RE
-from fednnunet.messages import NAME_PATTERN, PYTHON_NAME_PATTERN, ArtifactRef, Fold, TrainingOptions
-from fednnunet.strategies import MethodName, Strategy, get_strategy
-
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+from fednnunet.messages import ArtifactRef, ExperimentOptions
 
 
-class ExperimentSpec(BaseModel):
+class ExperimentSpec(ExperimentOptions):
+    """What a researcher asks for: the experiment's options, its id and sites, and the
+    ``nnUNetv2_train`` flags (``train_args``) that override trainer, plans, device and npz
+    export. The coordinator keeps :meth:`options` as given, for the whole experiment."""
+
     model_config = {"extra": "forbid"}
 
     experiment_id: str = Field(default_factory=lambda: "exp-" + secrets.token_hex(4))
     sites: list[str]
-    configuration: str = "3d_fullres"
-    fold: Fold = 0
-    method: MethodName = "ffe"
-    rounds: int = Field(default=1000, ge=1, le=100_000)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    trainer: str = Field(default="nnUNetTrainer", pattern=PYTHON_NAME_PATTERN)
-    plans_identifier: str = Field(default="nnUNetPlans", pattern=NAME_PATTERN)
-    iterations_per_epoch: int = Field(default=250, ge=1)
-    val_iterations_per_epoch: int = Field(default=50, ge=1)
-    device: Literal["cuda", "cpu", "mps"] = "cuda"
-    seed: int = 12345
-    quorum: int | None = Field(default=None, ge=1)
-    round_deadline_s: float | None = Field(default=None, gt=0)
-    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    export_npz: bool = False
-    stop_after: Literal["fingerprint", "plan"] | None = None
-    # Largest share of the average one site may have, e.g. 0.5 (default: case-weighted).
-    max_site_weight: float | None = Field(default=None, gt=0, le=1)
-    # fedavg (case-weighted mean) or trimmed_mean (robust to a minority of bad updates).
-    aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
     train_args: list[str] = Field(default_factory=list)
     # A local nnU-Net checkpoint (``-pretrained_weights``): the federation's initial global
     # model. The CLI uploads it to the global bucket and sets ``initial_weights``.
@@ -70,13 +50,6 @@ class ExperimentSpec(BaseModel):
             raise ValueError("site ids must be unique")
         return v
 
-    @field_validator("configuration")
-    @classmethod
-    def _config(cls, v: str) -> str:
-        if v not in CONFIGURATIONS:
-            raise ValueError(f"unknown configuration {v!r}; one of {', '.join(CONFIGURATIONS)}")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         if self.train_args:
@@ -87,47 +60,20 @@ class ExperimentSpec(BaseModel):
                 if self.pretrained_weights not in (None, given):
                     raise ValueError("pretrained_weights given twice, with different paths")
                 self.pretrained_weights = given
-        if self.stop_after == "fingerprint" and not self.strategy.federated_fingerprint:
-            raise ValueError(
-                f"stop_after=fingerprint needs a method with a federated fingerprint, "
-                f"not {self.method}"
-            )
         if self.quorum is not None and self.quorum > len(self.sites):
             raise ValueError(
                 f"quorum {self.quorum} exceeds the number of sites ({len(self.sites)})"
             )
         return self
 
-    @property
-    def strategy(self) -> Strategy:
-        return get_strategy(self.method)
-
-    @property
-    def effective_quorum(self) -> int:
-        return self.quorum or len(self.sites)
-
-    def training_options(self) -> TrainingOptions:
-        opts = TrainingOptions(
-            configuration=self.configuration,
-            fold=self.fold,
-            trainer=self.trainer,
-            plans_identifier=self.plans_identifier,
-            method=self.method,
-            rounds=self.rounds,
-            local_epochs=self.local_epochs,
-            iterations_per_epoch=self.iterations_per_epoch,
-            val_iterations_per_epoch=self.val_iterations_per_epoch,
-            device=self.device,
-            seed=self.seed,
-            export_npz=self.export_npz,
-        )
+    def options(self) -> ExperimentOptions:
+        """The experiment's options, with the flags of ``train_args`` applied."""
+        fields = self.model_dump(include=set(ExperimentOptions.model_fields))
         if self.train_args:
             from fednnunet.nnunet.train_args import parse_nnunet_train_args
 
-            opts = TrainingOptions.model_validate(
-                opts.model_dump() | parse_nnunet_train_args(self.train_args)
-            )
-        return opts
+            fields |= parse_nnunet_train_args(self.train_args)
+        return ExperimentOptions.model_validate(fields)
 
 
 def _problems(err: ValidationError) -> list[str]:
@@ -146,7 +92,7 @@ def parse_spec(data: dict[str, Any]) -> ExperimentSpec:
     except ValidationError as err:
         raise SpecError(_problems(err)) from None
     try:
-        spec.training_options()
+        spec.options()
     except FedError as err:
         raise SpecError([f"train_args: {err}"]) from None
     except ValidationError as err:

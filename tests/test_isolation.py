@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from fednnunet.adapters.redis_state import RedisState
+from fednnunet.messages import ExperimentOptions
 from tests.support.private_stack import TEST_PREFIX, rabbitmqctl_usable
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,9 @@ def test_experiments_of_the_suite_are_invisible_in_another_namespace(stack, uniq
 
     mine = RedisState.from_settings(stack)
     other = RedisState(stack.redis_url, namespace=unique_id("user-ns-"))
-    exp = sm.new_experiment(unique_id("iso-"), "asym", ["901"], 1, 1, {}, 0.0)
+    exp = sm.new_experiment(
+        unique_id("iso-"), ["901"], ExperimentOptions(method="asym", rounds=1, quorum=1), 0.0
+    )
     assert mine.create(exp)
     try:
         assert exp.experiment_id in mine.experiments()

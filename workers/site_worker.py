@@ -30,6 +30,7 @@ from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.errors import FedError
 from fednnunet.keys import COORDINATOR_QUEUE
 from fednnunet.messages import SiteReport, SiteTask
+from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.site.service import SiteService
 
@@ -66,7 +67,7 @@ def send_report(app: Celery, report: SiteReport, user_id: str) -> None:
     )
 
 
-def validated_task(payload: object, phase: str, settings: Settings) -> SiteTask | SiteReport:
+def validated_task(payload: object, phase: Phase, settings: Settings) -> SiteTask | SiteReport:
     """The task, or (when it fails validation) a non-retryable refusal to send back.
 
     A site checks what the coordinator asks before running it: names that become paths
@@ -146,7 +147,7 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
 
     worker_ready.connect(start_heartbeats, weak=False)
 
-    def make_task(phase: str, name: str) -> None:
+    def make_task(phase: Phase, name: str) -> None:
         @app.task(name=name, acks_late=False, ignore_result=True, Request=AckOnReceipt)
         def _task(payload: dict) -> None:  # noqa: ARG001 - one closure per phase
             task = validated_task(payload, phase, settings)

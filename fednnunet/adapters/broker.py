@@ -47,6 +47,7 @@ from fednnunet.keys import (
     site_queue,
 )
 from fednnunet.messages import ProgressEvent
+from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,12 @@ CONTROL = Exchange(CONTROL_EXCHANGE, type="direct", durable=True)
 
 MAX_PROGRESS_BYTES = 64 << 10  # a progress event is a few hundred bytes
 
+# The Celery task of each phase (names a site's log shows).
 SITE_TASKS = {
-    "fingerprint": "fednnunet.site.extract_fingerprint",
-    "plan": "fednnunet.site.plan_and_preprocess",
-    "train": "fednnunet.site.train_round",
-    "validate": "fednnunet.site.validate",
+    Phase.FINGERPRINT: "fednnunet.site.extract_fingerprint",
+    Phase.PLAN: "fednnunet.site.plan_and_preprocess",
+    Phase.TRAIN: "fednnunet.site.train_round",
+    Phase.VALIDATE: "fednnunet.site.validate",
 }
 REPORT_TASK = "fednnunet.coordinator.site_report"
 START_TASK = "fednnunet.coordinator.start_experiment"
@@ -287,7 +289,7 @@ class ProgressPublisher:
         self._thread = threading.Thread(target=self._run, name="fednnunet-progress", daemon=True)
         self._thread.start()
 
-    def begin(self, experiment_id: str, phase: str, round_: int) -> None:
+    def begin(self, experiment_id: str, phase: Phase, round_: int) -> None:
         with self._lock:
             self._active = ProgressEvent(
                 experiment_id=experiment_id,
@@ -412,9 +414,7 @@ class ProgressConsumer:
                 q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
                 ch.queue_bind(q, PROGRESS_EXCHANGE, routing_key=self.binding_key)
                 while not self._stop.is_set():
-                    for method, props, body in ch.consume(
-                        q, auto_ack=True, inactivity_timeout=0.5
-                    ):
+                    for method, props, body in ch.consume(q, auto_ack=True, inactivity_timeout=0.5):
                         if body is None or self._stop.is_set():
                             break
                         try:

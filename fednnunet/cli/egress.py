@@ -18,6 +18,7 @@ import typer
 
 from fednnunet.core.fingerprint_schema import describe_summary
 from fednnunet.errors import FedError
+from fednnunet.keys import experiment_prefix
 from fednnunet.settings import Settings
 
 site_app = typer.Typer(help="What this site runs and sends.", no_args_is_help=True)
@@ -42,7 +43,7 @@ def read_egress_log(path: Path, experiment: str | None = None) -> list[dict[str,
             e = json.loads(line)
         except json.JSONDecodeError:
             raise FedError(f"{path}:{n}: not a JSON line") from None
-        if experiment is None or str(e.get("key", "")).startswith(f"{experiment}/"):
+        if experiment is None or str(e.get("key", "")).startswith(experiment_prefix(experiment)):
             entries.append(e)
     return entries
 

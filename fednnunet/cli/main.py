@@ -16,6 +16,7 @@ from rich.console import Console
 
 from fednnunet.cli.egress import site_app
 from fednnunet.errors import FedError, SpecError
+from fednnunet.phases import Outcome, Phase
 from fednnunet.settings import Settings, get_settings
 
 app = typer.Typer(
@@ -290,14 +291,17 @@ def experiment_plot(
     Redis knows of a newer round, the picture is drawn here from that state.
     """
     from fednnunet.adapters.s3_store import ArtifactStore
-    from fednnunet.keys import coordinator_bucket
+    from fednnunet.keys import PLOTS, coordinator_bucket, folder_prefix, parse_artifact_key
 
     settings = _settings(None, redis_url, s3_endpoint)
     store = ArtifactStore(settings, retry_total_s=10)
     bucket = coordinator_bucket(settings.bucket_prefix)
-    keys = sorted(
-        k for k in store.list_keys(bucket, f"{experiment_id}/plots/") if k.endswith(".png")
-    )
+    stored = {
+        parsed.round: key
+        for key in store.list_keys(bucket, folder_prefix(experiment_id, PLOTS))
+        if (parsed := parse_artifact_key(key)) is not None and parsed.name.endswith(".png")
+    }
+    keys = [stored[r] for r in sorted(stored)]
     state = None
     try:
         _, state = _load_state(settings, experiment_id)
@@ -305,7 +309,7 @@ def experiment_plot(
         if not keys:
             raise
     latest_round = state.history[-1].round if state is not None and state.history else 0
-    stored_round = int(keys[-1].split("/")[2][1:]) if keys else 0
+    stored_round = max(stored, default=0)
     if keys and stored_round >= latest_round:
         ref = store.stat(bucket, keys[-1])
         output.write_bytes(store.get_bytes(ref))
@@ -330,7 +334,7 @@ def experiment_list(redis_url: str = RedisOpt) -> None:
     for exp in redis.experiments():
         st = redis.load(exp)
         if st:
-            console.print(f"{exp}\t{st.method}\t{st.phase}\t{round_summary(st)}")
+            console.print(f"{exp}\t{st.options.method}\t{st.phase}\t{round_summary(st)}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -383,8 +387,8 @@ def stack(action: str = typer.Argument("up", help="up | down | status")) -> None
 # ---------------------------------------------------------------- simulation
 PHASE_TAGS = {"extract_fingerprint": "fp", "plan_and_preprocess": "plan", "train": "train"}
 PHASE_COMMANDS = {
-    "extract_fingerprint": "fingerprint",
-    "plan_and_preprocess": "plan",
+    "extract_fingerprint": Phase.FINGERPRINT,
+    "plan_and_preprocess": Phase.PLAN,
     "train": None,
 }
 
@@ -487,7 +491,11 @@ def _run_simulation(
                 last.update(phase=state.phase, round=state.round)
                 console.print(
                     f"  [{time.perf_counter() - t0:7.1f}s] phase {state.phase}"
-                    + (f" round {state.round}/{state.rounds}" if state.phase == "train" else "")
+                    + (
+                        f" round {state.round}/{state.options.rounds}"
+                        if state.phase == Phase.TRAIN
+                        else ""
+                    )
                 )
 
         state = wait_for(settings, spec.experiment_id, timeout, on_update=on_update)
@@ -498,7 +506,7 @@ def _run_simulation(
         )
     )
     console.print(f"wall time {time.perf_counter() - t0:.1f}s")
-    if state.phase != "done":
+    if state.phase != Outcome.DONE:
         raise FedError(f"experiment {state.experiment_id} ended {state.phase}: {state.error}")
     for site, m in sorted(state.final_metrics.items()):
         if "mean_dice" in m:

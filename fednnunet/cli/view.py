@@ -11,7 +11,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fednnunet.core.state_machine import TERMINAL, ExperimentState
+from fednnunet.core.state_machine import ExperimentState
+from fednnunet.phases import TERMINAL, Outcome, Phase
 
 _STATE_STYLE = {
     "pending": "dim",
@@ -32,10 +33,10 @@ def status_dict(
     now = time.time()
     return {
         "experiment_id": state.experiment_id,
-        "method": state.method,
+        "method": state.options.method,
         "phase": state.phase,
         "round": state.round,
-        "rounds": state.rounds,
+        "rounds": state.options.rounds,
         "error": state.error,
         "eta_s": eta_seconds(state, now),
         "sites": {
@@ -69,19 +70,19 @@ def status_dict(
 
 
 def eta_seconds(state: ExperimentState, now: float) -> float | None:
-    if state.phase != "train" or not state.history:
+    if state.phase != Phase.TRAIN or not state.history:
         return None
     first = state.history[0].opened_at
     per_round = (now - first) / max(1, len(state.history))
-    return max(0.0, per_round * (state.rounds - len(state.history)))
+    return max(0.0, per_round * (state.options.rounds - len(state.history)))
 
 
 def round_summary(state: ExperimentState) -> str:
     """``round k/N`` while training, else how many of the N rounds were completed."""
     completed = len(state.history)
-    if state.phase == "train" and state.round:
-        return f"round {min(state.round, state.rounds)}/{state.rounds}"
-    return f"{completed}/{state.rounds} rounds completed"
+    if state.phase == Phase.TRAIN and state.round:
+        return f"round {min(state.round, state.options.rounds)}/{state.options.rounds}"
+    return f"{completed}/{state.options.rounds} rounds completed"
 
 
 # Site table column -> how readily it is left out when the terminal is too narrow for
@@ -181,18 +182,18 @@ def render(
     head = Text.assemble(
         ("experiment ", "bold"),
         (state.experiment_id, "bold cyan"),
-        f"  method {state.method}  phase ",
+        f"  method {state.options.method}  phase ",
         (state.phase, "bold"),
     )
     parts: list[Any] = [head]
-    if state.phase in ("train", "validate", "done") and state.rounds:
+    if state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE) and state.options.rounds:
         eta = info["eta_s"]
         # One grid row: a bare ProgressBar ends no line, and the table's top border
         # would be drawn on the bar's line.
         bar = Table.grid(padding=(0, 2))
         bar.add_row(
             Text(round_summary(state) + (f"  ETA {eta:,.0f}s" if eta is not None else "")),
-            ProgressBar(total=state.rounds, completed=len(state.history), width=40),
+            ProgressBar(total=state.options.rounds, completed=len(state.history), width=40),
         )
         parts.append(bar)
     has_local = any("local_mean_dice" in m for m in state.final_metrics.values())

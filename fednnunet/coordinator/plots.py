@@ -58,8 +58,9 @@ def build_figure(state: ExperimentState):
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+    opts = state.options
     fig.suptitle(
-        f"{state.experiment_id} ({state.method}) — round {len(state.history)}/{state.rounds}"
+        f"{state.experiment_id} ({opts.method}) — round {len(state.history)}/{opts.rounds}"
     )
     fig.tight_layout()
     return fig

@@ -27,24 +27,27 @@ from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.identity import SenderPolicy
 from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.keys import (
-    GLOBAL_SITE,
+    HISTORY,
     IDLE_EXPERIMENT,
-    PHASE_FINAL,
-    PHASE_FINGERPRINT,
-    PHASE_HISTORY,
-    PHASE_JOURNAL,
-    PHASE_TRAIN,
-    artifact_key,
+    JOURNAL,
     coordinator_bucket,
+    final_summary_key,
+    folder_prefix,
     global_bucket,
+    global_weights_key,
+    history_key,
     initial_weights_key,
+    journal_key,
+    merged_fingerprint_key,
+    parse_artifact_key,
     parse_progress_routing_key,
+    plot_key,
     site_bucket,
 )
-from fednnunet.messages import ArtifactRef, ProgressEvent, SiteReport, SiteTask, TrainingOptions
+from fednnunet.messages import ArtifactRef, ProgressEvent, SiteReport, SiteTask
+from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.spec import ExperimentSpec
-from fednnunet.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,11 @@ log = logging.getLogger(__name__)
 _HISTORY_LEN = "journal_history_rounds"  # in a snapshot: how many round records it counts
 
 
-def plot_key(experiment_id: str, round_: int) -> str:
-    return artifact_key(experiment_id, "plots", round_, GLOBAL_SITE, "progress.png")
-
-
 SendTask = Callable[[SiteTask], None]
 
 # Largest object a site may reference per phase (weights: FEDNNUNET_MAX_OBJECT_BYTES):
 # checked with a stat before any byte is downloaded.
-MAX_REPORTED_BYTES = {"fingerprint": 64 << 20, "plan": 8 << 20}
+MAX_REPORTED_BYTES = {Phase.FINGERPRINT: 64 << 20, Phase.PLAN: 8 << 20}
 
 
 class Refused(FedError):
@@ -117,20 +116,7 @@ class Coordinator:
         self.store.ensure_bucket(self.private_bucket)
         initial = self._checked_initial_weights(spec)
         state = sm.new_experiment(
-            spec.experiment_id,
-            spec.method,
-            spec.sites,
-            spec.rounds,
-            spec.effective_quorum,
-            spec.training_options().model_dump(),
-            self.clock(),
-            round_deadline_s=spec.round_deadline_s,
-            heartbeat_timeout_s=spec.heartbeat_timeout_s,
-            max_attempts=spec.max_attempts,
-            stop_after=spec.stop_after,
-            max_site_weight=spec.max_site_weight,
-            aggregation=spec.aggregation,
-            global_weights=initial,
+            spec.experiment_id, spec.sites, spec.options(), self.clock(), global_weights=initial
         )
         if self.redis.create(state):
             self._journal(state)
@@ -163,7 +149,7 @@ class Coordinator:
             ref = self._checked_reference(report)
         except Refused as exc:
             refused, ref = exc, None
-        if ref is not None and report.phase == "train":
+        if ref is not None and report.phase == Phase.TRAIN:
             # Fetch and verify the update now, outside the lock: when the last site
             # reports, only its own update remains to be downloaded before aggregating.
             try:
@@ -209,7 +195,7 @@ class Coordinator:
         want_bucket = site_bucket(self.settings.bucket_prefix, report.site_id)
         if ref.bucket != want_bucket:
             raise Refused("foreign-object", f"references bucket {ref.bucket}, not {want_bucket}")
-        if not ref.key.startswith(f"{report.experiment_id}/{report.phase}/"):
+        if not ref.key.startswith(folder_prefix(report.experiment_id, report.phase)):
             raise Refused("foreign-object", f"references key {ref.key[:200]!r}")
         limit = MAX_REPORTED_BYTES.get(report.phase, self.settings.max_object_bytes)
         actual = self.store.stat(ref.bucket, ref.key)
@@ -252,9 +238,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - counting must not turn a refusal into a crash
             log.exception("could not record a refusal")
 
-    def cancel(
-        self, experiment_id: str, sender: str | None = None
-    ) -> sm.ExperimentState | None:
+    def cancel(self, experiment_id: str, sender: str | None = None) -> sm.ExperimentState | None:
         if sender is not None and not self.senders.is_operator(sender):
             self.refuse(experiment_id, "cancel", f"cancel from non-operator {sender}", sender)
             return None
@@ -288,15 +272,15 @@ class Coordinator:
 
     # ------------------------------------------------------------ the loop
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
-        for _ in range(8 + 4 * state.rounds):  # bounded: each pass moves at least one step
+        for _ in range(8 + 4 * state.options.rounds):  # bounded: each pass moves at least one step
             now = self.clock()
             seq_before = state.seq
             self._apply_heartbeats(state, now)
-            if state.phase == "plan" and sm.phase_complete(state, now):
+            if state.phase == Phase.PLAN and sm.phase_complete(state, now):
                 failure = sm.apply_plans_checked(state, now)
                 if failure is not None:
                     sm.apply_failed(state, failure.reason, now)
-            elif state.phase == "validate" and sm.phase_complete(state, now):
+            elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
                 sm.apply_validated(state, now)
                 self._write_final(state)
             beats = self.redis.heartbeats(state.experiment_id)
@@ -350,12 +334,12 @@ class Coordinator:
             phase=action.phase,
             round=action.round,
             attempt=action.attempt,
-            options=TrainingOptions.model_validate(state.options),
+            options=state.options,
         )
-        strategy = get_strategy(state.method)
-        if action.phase == "plan" and strategy.federated_fingerprint:
+        strategy = state.options.strategy
+        if action.phase == Phase.PLAN and strategy.federated_fingerprint:
             task.merged_fingerprint = state.merged_fingerprint
-        if action.phase in ("train", "validate"):
+        if action.phase in (Phase.TRAIN, Phase.VALIDATE):
             task.global_weights = state.global_weights
             task.plans_sha256 = strategy.expected_plans(state.plans_sha256)
         return task
@@ -376,15 +360,11 @@ class Coordinator:
             summaries.append(self.store.get_json(r.artifact))
         validate_compatible(summaries)
         merged = merge_fingerprint_summaries(summaries)
-        key = artifact_key(
-            state.experiment_id, PHASE_FINGERPRINT, 0, GLOBAL_SITE, "dataset_fingerprint.json"
-        )
+        key = merged_fingerprint_key(state.experiment_id)
         return self._put_once_json(self.global_bucket, key, merged, kind="merged_fingerprint")
 
     def _aggregate(self, state: sm.ExperimentState, action: sm.Aggregate, now: float) -> None:
-        key = artifact_key(
-            state.experiment_id, PHASE_TRAIN, action.round, GLOBAL_SITE, "weights.safetensors"
-        )
+        key = global_weights_key(state.experiment_id, action.round)
         reports = sorted(action.reports, key=lambda r: state.sites.index(r.site_id))
         res = self._aggregate_once(state, reports, key)
         result_ref, participants, quarantined = (
@@ -445,9 +425,9 @@ class Coordinator:
                     key,
                     state.global_weights,
                     cases=state.declared_cases,
-                    max_site_weight=state.max_site_weight,
-                    exact_architecture=get_strategy(state.method).exact_architecture,
-                    aggregation=state.aggregation,
+                    max_site_weight=state.options.max_site_weight,
+                    exact_architecture=state.options.strategy.exact_architecture,
+                    aggregation=state.options.aggregation,
                     min_participants=min(state.quorum, len(reports)) or 1,
                     # Round 1's previous global may be a pretrained model of another
                     # task (another head): the sites' architecture decides, not it.
@@ -465,7 +445,7 @@ class Coordinator:
         reported = {r.site_id: r.num_cases for r in reports}
         declared = {p: state.declared_cases.get(p, reported.get(p, 0)) for p in participants}
         try:
-            weights = capped_weights(declared, state.max_site_weight)
+            weights = capped_weights(declared, state.options.max_site_weight)
         except ValueError:
             weights = {}
         return AggregationResult(existing, participants, weights=weights)
@@ -480,7 +460,7 @@ class Coordinator:
             "final_missing": state.final_missing,
             "rounds": [r.model_dump() for r in state.history],
         }
-        key = artifact_key(state.experiment_id, PHASE_FINAL, 0, GLOBAL_SITE, "summary.json")
+        key = final_summary_key(state.experiment_id)
         self._put_once_json(self.private_bucket, key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
@@ -541,23 +521,21 @@ class Coordinator:
         """
         exp = state.experiment_id
         for record in state.history[self._history_journaled.get(exp, 0) :]:
-            key = artifact_key(exp, PHASE_HISTORY, record.round, GLOBAL_SITE, "round.json")
+            key = history_key(exp, record.round)
             self._put_once_json(
                 self.private_bucket, key, record.model_dump(mode="json"), kind="journal"
             )
         self._history_journaled[exp] = len(state.history)
         snapshot = state.model_dump(mode="json", exclude={"history"})
         snapshot[_HISTORY_LEN] = len(state.history)
-        key = artifact_key(
-            exp, PHASE_JOURNAL, state.round, GLOBAL_SITE, f"{state.seq:06d}-{state.phase}.json"
-        )
+        key = journal_key(exp, state.round, state.seq, state.phase)
         self._put_once_json(self.private_bucket, key, snapshot, kind="journal")
 
     def _latest_journal(self, experiment_id: str) -> sm.ExperimentState | None:
-        keys = self.store.list_keys(self.private_bucket, f"{experiment_id}/{PHASE_JOURNAL}/")
+        keys = self.store.list_keys(self.private_bucket, folder_prefix(experiment_id, JOURNAL))
         if not keys:
             return None
-        latest = max(keys, key=lambda k: k.rsplit("/", 1)[-1])
+        latest = max(keys, key=lambda k: getattr(parse_artifact_key(k), "name", ""))
         ref = self.store.stat(self.private_bucket, latest)
         if ref is None:
             return None
@@ -575,7 +553,7 @@ class Coordinator:
         return state
 
     def _journaled_history(self, experiment_id: str) -> list[sm.RoundRecord]:
-        keys = self.store.list_keys(self.private_bucket, f"{experiment_id}/{PHASE_HISTORY}/")
+        keys = self.store.list_keys(self.private_bucket, folder_prefix(experiment_id, HISTORY))
         records = []
         for key in sorted(keys):  # r00001 < r00002 < ...
             ref = self.store.stat(self.private_bucket, key)
@@ -586,11 +564,8 @@ class Coordinator:
     def recover_from_journal(self) -> list[str]:
         """After Redis lost everything: restore every unfinished experiment from S3."""
         restored = []
-        prefixes = {
-            k.split("/", 1)[0]
-            for k in self.store.list_keys(self.private_bucket, "")
-            if f"/{PHASE_JOURNAL}/" in k
-        }
+        parsed = (parse_artifact_key(k) for k in self.store.list_keys(self.private_bucket, ""))
+        prefixes = {p.experiment for p in parsed if p is not None and p.folder == JOURNAL}
         for exp in sorted(prefixes):
             try:  # one unreadable experiment must not keep the others from recovering
                 if self.redis.exists(exp):

@@ -19,14 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from fednnunet.messages import ArtifactRef, Metrics, ShortText, SiteReport
-from fednnunet.strategies import MethodName, get_strategy
+from fednnunet.messages import ArtifactRef, ExperimentOptions, Metrics, ShortText, SiteReport
+from fednnunet.phases import TERMINAL, ExperimentPhase, Outcome, Phase
 
-ExperimentPhase = Literal["fingerprint", "plan", "train", "validate", "done", "failed", "cancelled"]
+__all__ = ["TERMINAL", "ExperimentPhase", "ExperimentState", "Outcome", "Phase"]
+
 SiteState = Literal["pending", "queued", "running", "done", "failed", "late"]
-TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
 
 class SiteStatus(BaseModel):
@@ -67,19 +67,9 @@ class ExperimentState(BaseModel):
     """Everything needed to resume an experiment; stored in Redis, journaled in S3."""
 
     experiment_id: str
-    method: MethodName
     sites: list[str]
-    rounds: int
-    quorum: int
-    round_deadline_s: float | None = None
-    heartbeat_timeout_s: float = 60.0
-    max_attempts: int = 3
-    stop_after: Literal["fingerprint", "plan"] | None = None
-    # Largest share of the average one site may have (None: pure case weighting).
-    max_site_weight: float | None = None
-    aggregation: Literal["fedavg", "trimmed_mean"] = "fedavg"
-    options: dict[str, Any] = Field(default_factory=dict)  # TrainingOptions as JSON
-    phase: ExperimentPhase = "fingerprint"
+    options: ExperimentOptions  # as the spec gave them, for the whole experiment
+    phase: ExperimentPhase = Phase.FINGERPRINT
     round: int = 0
     seq: int = 0
     phase_opened_at: float = 0.0
@@ -100,6 +90,34 @@ class ExperimentState(BaseModel):
     ignored_reports: int = 0
     refused_reports: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _options_from_old_layout(cls, data: Any) -> Any:
+        """A state stored before the options were one model kept some at the top level."""
+        if isinstance(data, dict) and "method" in data:
+            data = dict(data)
+            top = {k: data.pop(k) for k in _OLD_TOP_LEVEL_OPTIONS if k in data}
+            data["options"] = {**(data.get("options") or {}), **top}
+        return data
+
+    @property
+    def quorum(self) -> int:
+        """Sites a round needs (the option, or every site)."""
+        return self.options.quorum or len(self.sites)
+
+
+_OLD_TOP_LEVEL_OPTIONS = (
+    "method",
+    "rounds",
+    "quorum",
+    "round_deadline_s",
+    "heartbeat_timeout_s",
+    "max_attempts",
+    "stop_after",
+    "max_site_weight",
+    "aggregation",
+)
+
 
 # ---------------------------------------------------------------- actions
 @dataclass(frozen=True)
@@ -107,7 +125,7 @@ class Dispatch:
     """Send this site the task for the current phase/round (attempt n)."""
 
     site: str
-    phase: str
+    phase: Phase
     round: int
     attempt: int
 
@@ -143,34 +161,20 @@ Action = Dispatch | MergeFingerprints | Aggregate | Fail | GiveUp
 # ---------------------------------------------------------------- creation
 def new_experiment(
     experiment_id: str,
-    method: str,
     sites: list[str],
-    rounds: int,
-    quorum: int,
-    options: dict[str, Any],
+    options: ExperimentOptions,
     now: float,
-    round_deadline_s: float | None = None,
-    heartbeat_timeout_s: float = 60.0,
-    max_attempts: int = 3,
-    stop_after: Literal["fingerprint", "plan"] | None = None,
-    **more: Any,
+    global_weights: ArtifactRef | None = None,
 ) -> ExperimentState:
-    """A new experiment in its first phase; ``more``: further ExperimentState fields."""
+    """A new experiment in its first phase; ``global_weights``: a pretrained round-0 model."""
     state = ExperimentState(
         experiment_id=experiment_id,
-        method=method,
         sites=list(sites),
-        rounds=rounds,
-        quorum=quorum,
         options=options,
-        round_deadline_s=round_deadline_s,
-        heartbeat_timeout_s=heartbeat_timeout_s,
-        max_attempts=max_attempts,
         created_at=now,
-        stop_after=stop_after,
-        **more,
+        global_weights=global_weights,
     )
-    _open_phase(state, get_strategy(method).first_phase, 0, now)
+    _open_phase(state, options.strategy.first_phase, 0, now)
     return state
 
 
@@ -249,9 +253,9 @@ def report_problem(state: ExperimentState, report: SiteReport, bucket_prefix: st
             f"artifact s3://{ref.bucket}/{ref.key} is not this site's "
             f"s3://{site_bucket(bucket_prefix, report.site_id)}/{expected_key}"
         )
-    if report.phase == "plan" and report.num_cases < 1:
+    if report.phase == Phase.PLAN and report.num_cases < 1:
         return "a plan report must declare the site's training cases (at least 1)"
-    if report.phase == "train":
+    if report.phase == Phase.TRAIN:
         declared = state.declared_cases.get(report.site_id)
         if declared is not None and report.num_cases != declared:
             return (
@@ -280,10 +284,11 @@ def apply_gave_up(state: ExperimentState, site: str, reason: str, now: float) ->
 
 
 def apply_merged(state: ExperimentState, ref: ArtifactRef, now: float) -> None:
-    if state.phase != "fingerprint":
+    if state.phase != Phase.FINGERPRINT:
         return
     state.merged_fingerprint = ref
-    _open_phase(state, "done" if state.stop_after == "fingerprint" else "plan", 0, now)
+    after = Outcome.DONE if state.options.stop_after == Phase.FINGERPRINT else Phase.PLAN
+    _open_phase(state, after, 0, now)
 
 
 def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
@@ -291,23 +296,24 @@ def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
     reports = {s: st.report for s, st in state.sites_status.items() if st.report}
     state.plans_sha256 = {s: r.plans_sha256 or "" for s, r in reports.items()}
     state.declared_cases = {s: r.num_cases for s, r in reports.items()}
-    problem = get_strategy(state.method).plans_problem(state.plans_sha256)
+    problem = state.options.strategy.plans_problem(state.plans_sha256)
     if problem is not None:
         return Fail(problem)
-    _open_phase(state, "done" if state.stop_after == "plan" else "train", 1, now)
+    after = Outcome.DONE if state.options.stop_after == Phase.PLAN else Phase.TRAIN
+    _open_phase(state, after, 1, now)
     return None
 
 
 def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) -> None:
-    if state.phase != "train" or record.round != state.round:
+    if state.phase != Phase.TRAIN or record.round != state.round:
         return
     record.closed_at = now
     state.history.append(record)
     state.global_weights = record.global_weights
-    if state.round < state.rounds:
-        _open_phase(state, "train", state.round + 1, now)
+    if state.round < state.options.rounds:
+        _open_phase(state, Phase.TRAIN, state.round + 1, now)
     else:
-        _open_phase(state, "validate", 0, now)
+        _open_phase(state, Phase.VALIDATE, 0, now)
 
 
 def apply_validated(state: ExperimentState, now: float) -> None:
@@ -316,24 +322,24 @@ def apply_validated(state: ExperimentState, now: float) -> None:
     state.final_missing = {
         s: dict(r.missing_metrics) for s, r in reports.items() if r.missing_metrics
     }
-    _open_phase(state, "done", 0, now)
+    _open_phase(state, Outcome.DONE, 0, now)
 
 
 def apply_failed(state: ExperimentState, reason: str, now: float) -> None:
     state.error = reason
-    _open_phase(state, "failed", state.round, now)
+    _open_phase(state, Outcome.FAILED, state.round, now)
 
 
 def apply_cancelled(state: ExperimentState, now: float) -> None:
     if state.phase not in TERMINAL:
         state.error = "cancelled by user"
-        _open_phase(state, "cancelled", state.round, now)
+        _open_phase(state, Outcome.CANCELLED, state.round, now)
 
 
 # ---------------------------------------------------------------- decisions
 def _needs_all_sites(state: ExperimentState) -> bool:
     # Fingerprints and plans define the shared architecture: every site must take part.
-    return state.phase in ("fingerprint", "plan")
+    return state.phase in (Phase.FINGERPRINT, Phase.PLAN)
 
 
 # An idle beat this long after a dispatch means the site's worker is not doing the task.
@@ -360,14 +366,14 @@ def next_actions(
 
     def again(site: str, st: SiteStatus, why: str) -> Action:
         # Every re-dispatch path counts attempts and ends: no site is asked forever.
-        if st.attempt >= state.max_attempts:
+        if st.attempt >= state.options.max_attempts:
             return GiveUp(site, f"{why} after {st.attempt} attempt(s)")
         return Dispatch(site, state.phase, state.round, st.attempt + 1)
 
     for site, st in statuses.items():
         if st.state == "pending":
             actions.append(Dispatch(site, state.phase, state.round, 1))
-        elif st.state == "failed" and st.retryable and st.attempt < state.max_attempts:
+        elif st.state == "failed" and st.retryable and st.attempt < state.options.max_attempts:
             actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
         elif (
             st.state == "queued"
@@ -378,7 +384,7 @@ def next_actions(
             actions.append(again(site, st, "task lost (worker idle)"))
         elif st.state == "running":
             last = max(heartbeats.get(site, 0.0), st.started_at or 0.0)
-            if now - last > state.heartbeat_timeout_s:
+            if now - last > state.options.heartbeat_timeout_s:
                 # The worker died mid-task (its message was acked on receipt): send it again.
                 actions.append(again(site, st, "no heartbeat"))
 
@@ -394,19 +400,20 @@ def next_actions(
     # Every site either answered or is out of attempts: nobody else will report.
     settled = len(done) + len(exhausted) == len(state.sites)
     deadline_passed = (
-        state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
+        state.options.round_deadline_s is not None
+        and now - state.phase_opened_at > state.options.round_deadline_s
     )
-    if state.phase == "fingerprint" and all_done:
+    if state.phase == Phase.FINGERPRINT and all_done:
         return [MergeFingerprints(reports)]
-    if state.phase == "plan" and all_done:
+    if state.phase == Phase.PLAN and all_done:
         return []  # the coordinator closes it with apply_plans_checked (pure, no action needed)
-    closing = get_strategy(state.method).round_closes(
+    closing = state.options.strategy.round_closes(
         len(done), state.quorum, all_done, settled, deadline_passed
     )
-    if state.phase == "train" and closing:
+    if state.phase == Phase.TRAIN and closing:
         late = tuple(s for s in state.sites if s not in done)
         return [Aggregate(state.round, reports, late)]
-    if state.phase == "validate" and closing:
+    if state.phase == Phase.VALIDATE and closing:
         return []
     return actions
 
@@ -416,20 +423,21 @@ def _exhausted(state: ExperimentState) -> list[str]:
     return [
         s
         for s, st in state.sites_status.items()
-        if st.state == "failed" and (st.attempt >= state.max_attempts or not st.retryable)
+        if st.state == "failed" and (st.attempt >= state.options.max_attempts or not st.retryable)
     ]
 
 
 def phase_complete(state: ExperimentState, now: float) -> bool:
     """Plan/validate phases close without an action of their own (see next_actions)."""
-    if state.phase not in ("plan", "validate"):
+    if state.phase not in (Phase.PLAN, Phase.VALIDATE):
         return False
     done = sum(st.state == "done" for st in state.sites_status.values())
     if done == len(state.sites):
         return True
-    if state.phase != "validate" or done < state.quorum:
+    if state.phase != Phase.VALIDATE or done < state.quorum:
         return False
     deadline_passed = (
-        state.round_deadline_s is not None and now - state.phase_opened_at > state.round_deadline_s
+        state.options.round_deadline_s is not None
+        and now - state.phase_opened_at > state.options.round_deadline_s
     )
     return deadline_passed or done + len(_exhausted(state)) == len(state.sites)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
+from fednnunet.messages import ExperimentOptions
 from fednnunet.nnunet.env import temporary_env
 from fednnunet.settings import require_nnunet_paths, resolve_under
 
@@ -99,16 +100,7 @@ class FederatedTrainingSession:
     def __init__(
         self,
         dataset_id: int,
-        configuration: str,
-        fold: int | str,
-        trainer_name: str = "nnUNetTrainer",
-        plans_identifier: str = "nnUNetPlans",
-        device: str = "cpu",
-        total_epochs: int = 1000,
-        iterations_per_epoch: int = 250,
-        val_iterations_per_epoch: int = 50,
-        seed: int = 12345,
-        export_npz: bool = False,
+        options: ExperimentOptions,
         *,
         torch_threads: int | None = None,
         da_processes: int | None = None,
@@ -117,27 +109,28 @@ class FederatedTrainingSession:
     ) -> None:
         """Build (or resume) the trainer; ``run_id`` guards against resuming another run's files.
 
-        ``da_processes`` sets ``nnUNet_n_proc_DA`` only while the data loaders are built
-        (0: augmentation in this process). ``torch_threads`` caps intra-op threads so that
-        several sites on one machine do not oversubscribe it.
+        ``options``: the experiment's, as validated (nnU-Net trains ``rounds *
+        local_epochs`` epochs in all). ``da_processes`` sets ``nnUNet_n_proc_DA`` only while
+        the data loaders are built (0: augmentation in this process). ``torch_threads``
+        caps intra-op threads so that several sites on one machine do not oversubscribe it.
         """
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
         paths = require_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
-        if total_epochs < 1 or iterations_per_epoch < 1 or val_iterations_per_epoch < 1:
-            raise FedError("total_epochs and (val_)iterations_per_epoch must be >= 1")
+        configuration, device, seed = options.configuration, options.device, options.seed
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FedError(f"device {device!r} requested but CUDA is not available here")
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.export_npz = export_npz
+        self.export_npz = options.export_npz
         self.run_id = run_id
-        fold = _parse_fold(fold)
+        fold = _parse_fold(options.fold)
         try:
             dataset_name = maybe_convert_to_dataset_name(dataset_id)
         except (RuntimeError, AssertionError) as exc:
             raise DatasetError(f"dataset {dataset_id}: {exc}") from exc
         pp_base = paths["nnUNet_preprocessed"] / dataset_name
-        plans_file = resolve_under(pp_base, f"{plans_identifier}.json")
+        plans_file = resolve_under(pp_base, f"{options.plans_identifier}.json")
         if not plans_file.is_file():
             raise FedError(f"{plans_file} missing: run planning/preprocessing first")
         plans = json.loads(plans_file.read_text())
@@ -147,7 +140,7 @@ class FederatedTrainingSession:
                 f"configuration {configuration!r} not in {plans_file.name} "
                 f"(available: {', '.join(plans['configurations'])})"
             )
-        trainer_cls = resolve_trainer_class(trainer_name)
+        trainer_cls = resolve_trainer_class(options.trainer)
 
         # Same folder nnU-Net derives in nnUNetTrainer.__init__ (checked below).
         fold_dir = (
@@ -179,9 +172,9 @@ class FederatedTrainingSession:
         )
         if Path(trainer.output_folder) != fold_dir:
             raise FedError(f"unexpected nnU-Net output folder {trainer.output_folder}")
-        trainer.num_epochs = total_epochs
-        trainer.num_iterations_per_epoch = iterations_per_epoch
-        trainer.num_val_iterations_per_epoch = val_iterations_per_epoch
+        trainer.num_epochs = options.rounds * options.local_epochs
+        trainer.num_iterations_per_epoch = options.iterations_per_epoch
+        trainer.num_val_iterations_per_epoch = options.val_iterations_per_epoch
         trainer.save_every = _NEVER
         self.trainer = trainer
         self._completed_round = int(sidecar["round"]) if sidecar else 0

@@ -70,7 +70,7 @@ def pretrained_weights_arg(argv: Sequence[str]) -> str | None:
 
 
 def parse_nnunet_train_args(argv: Sequence[str]) -> dict[str, Any]:
-    """Parse nnUNetv2_train flags into ``TrainingOptions`` fields.
+    """Parse nnUNetv2_train flags into ``ExperimentOptions`` fields.
 
     Returns ``trainer``, ``plans_identifier``, ``device`` and ``export_npz``;
     ``-pretrained_weights`` is read by :func:`pretrained_weights_arg` (the spec's initial

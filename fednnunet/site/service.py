@@ -19,19 +19,16 @@ from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights, load_weights_file
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
-    GLOBAL_SITE,
-    PHASE_FINGERPRINT,
-    PHASE_PLAN,
-    PHASE_TRAIN,
-    PHASE_VALIDATE,
-    artifact_key,
     global_bucket,
+    global_weights_key,
+    site_artifact_key,
     site_bucket,
+    site_report_key,
 )
 from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
+from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.site.policy import load_policy
-from fednnunet.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +72,10 @@ class SiteService:
             self.progress.begin(task.experiment_id, task.phase, task.round)
         try:
             handler = {
-                "fingerprint": self.extract_fingerprint,
-                "plan": self.plan_and_preprocess,
-                "train": self.train_round,
-                "validate": self.validate,
+                Phase.FINGERPRINT: self.extract_fingerprint,
+                Phase.PLAN: self.plan_and_preprocess,
+                Phase.TRAIN: self.train_round,
+                Phase.VALIDATE: self.validate,
             }[task.phase]
             report = handler(task)
             report.seconds = time.perf_counter() - t0
@@ -125,25 +122,28 @@ class SiteService:
             **fields,
         )
 
-    def _key(self, task: SiteTask, phase: str, name: str, round_: int | None = None) -> str:
-        return artifact_key(
-            task.experiment_id, phase, task.round if round_ is None else round_, self.site_id, name
-        )
+    def _artifact_key(self, task: SiteTask) -> str:
+        """The one key this task's report may reference (its phase's artifact)."""
+        key = site_artifact_key(task.experiment_id, task.phase, task.round, self.site_id)
+        if key is None:
+            raise FedError(f"a {task.phase} task has no artifact")
+        return key
 
-    def _existing_meta(self, task: SiteTask, phase: str) -> dict | None:
-        ref = self.store.stat(self.bucket, self._key(task, phase, "report.json"))
+    def _report_key(self, task: SiteTask) -> str:
+        return site_report_key(task.experiment_id, task.phase, task.round, self.site_id)
+
+    def _existing_meta(self, task: SiteTask) -> dict | None:
+        ref = self.store.stat(self.bucket, self._report_key(task))
         return self.store.get_json(ref) if ref else None
 
-    def _save_meta(self, task: SiteTask, phase: str, meta: dict) -> None:
-        self.store.put_json(
-            self.bucket, self._key(task, phase, "report.json"), meta, kind=f"{phase}_report"
-        )
+    def _save_meta(self, task: SiteTask, meta: dict) -> None:
+        self.store.put_json(self.bucket, self._report_key(task), meta, kind=f"{task.phase}_report")
 
     # ------------------------------------------------------------------ phases
     def extract_fingerprint(self, task: SiteTask) -> SiteReport:
         from fednnunet.nnunet.fingerprint import extract_site_fingerprint
 
-        key = self._key(task, PHASE_FINGERPRINT, "fingerprint_summary.json")
+        key = self._artifact_key(task)
         ref = self.store.stat(self.bucket, key)
         if ref is None:
             # nnU-Net's own extractor is skipped: FFE planning replaces its output with the
@@ -155,7 +155,7 @@ class SiteService:
     def plan_and_preprocess(self, task: SiteTask) -> SiteReport:
         opts = task.options
         fingerprint = None
-        if get_strategy(opts.method).federated_fingerprint:
+        if opts.strategy.federated_fingerprint:
             if task.merged_fingerprint is None:
                 raise FedError(f"{opts.method} planning needs the merged fingerprint")
             fingerprint = self.store.get_json(task.merged_fingerprint)
@@ -182,28 +182,16 @@ class SiteService:
             num_cases = training_case_count(
                 self.dataset_id, opts.configuration, opts.fold, opts.plans_identifier
             )
-        ref = self.store.put_json(
-            self.bucket, self._key(task, PHASE_PLAN, "plans.json"), plans, kind="plans"
-        )
+        ref = self.store.put_json(self.bucket, self._artifact_key(task), plans, kind="plans")
         return self._report(task, artifact=ref, plans_sha256=digest, num_cases=num_cases)
 
     def _session(self, task: SiteTask) -> Any:
         session = self._sessions.get(task.experiment_id)
         if session is None:
             factory = self._session_factory or self._default_factory()
-            opts = task.options
             session = factory(
-                dataset_id=self.dataset_id,
-                configuration=opts.configuration,
-                fold=opts.fold,
-                trainer_name=opts.trainer,
-                plans_identifier=opts.plans_identifier,
-                device=opts.device,
-                total_epochs=opts.rounds * opts.local_epochs,
-                iterations_per_epoch=opts.iterations_per_epoch,
-                val_iterations_per_epoch=opts.val_iterations_per_epoch,
-                seed=opts.seed,
-                export_npz=opts.export_npz,
+                self.dataset_id,
+                task.options,
                 torch_threads=self.settings.torch_threads or None,
                 da_processes=None if self.settings.da_processes < 0 else self.settings.da_processes,
                 run_id=task.experiment_id,
@@ -231,9 +219,7 @@ class SiteService:
 
     def _round_closed(self, task: SiteTask) -> bool:
         """True when the coordinator already aggregated this round (the task is stale)."""
-        key = artifact_key(
-            task.experiment_id, PHASE_TRAIN, task.round, GLOBAL_SITE, "weights.safetensors"
-        )
+        key = global_weights_key(task.experiment_id, task.round)
         return self.store.stat(self.global_bucket, key) is not None
 
     def _load_global(self, task: SiteTask, session: Any) -> int:
@@ -267,19 +253,19 @@ class SiteService:
             marker.write_text(ref.model_dump_json())
 
     def train_round(self, task: SiteTask) -> SiteReport:
-        update_key = self._key(task, PHASE_TRAIN, "update.safetensors")
+        update_key = self._artifact_key(task)
         existing = self.store.stat(self.bucket, update_key)
         if existing is not None:
             # The uploaded update is the round's result at this site, even if the local
             # checkpoint (written concurrently) did not finish: report it, never retrain.
-            meta = self._existing_meta(task, PHASE_TRAIN)
+            meta = self._existing_meta(task)
             if meta is None:
                 session = self._session(task)
                 meta = {
                     "num_cases": session.num_training_cases(),
                     "metrics": self._read_local_metrics(session, task.round),
                 }
-                self._save_meta(task, PHASE_TRAIN, meta)
+                self._save_meta(task, meta)
             return self._report(
                 task, artifact=existing, num_cases=meta["num_cases"], metrics=meta["metrics"]
             )
@@ -314,7 +300,7 @@ class SiteService:
         else:
             ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
-        self._save_meta(task, PHASE_TRAIN, meta)
+        self._save_meta(task, meta)
         # Timing of this delivery only: not in the stored meta, which must not change
         # when a redelivered task writes it again.
         metrics = {**metrics, "push_s": time.perf_counter() - t_push}
@@ -352,7 +338,7 @@ class SiteService:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def validate(self, task: SiteTask) -> SiteReport:
-        meta = self._existing_meta(task, PHASE_VALIDATE)
+        meta = self._existing_meta(task)
         if meta is not None:
             return self._report(task, metrics=meta["metrics"], num_cases=meta["num_cases"])
         session = self._session(task)
@@ -369,7 +355,7 @@ class SiteService:
             "num_cases": session.num_training_cases(),
             "results_folder": str(result.get("results_folder", "")),
         }
-        self._save_meta(task, PHASE_VALIDATE, meta)
+        self._save_meta(task, meta)
         session.close()
         self._sessions.pop(task.experiment_id, None)
         self._remember_cached_global(task.experiment_id, None)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fednnunet.adapters.weights_codec import load_weights_file, save_weights_file
+from fednnunet.messages import ExperimentOptions
 
 
 def build_state(model: str, seed: int) -> dict[str, torch.Tensor]:
@@ -72,10 +73,8 @@ class StandInSession:
     def __init__(
         self,
         dataset_id: int,
-        configuration: str,
-        fold: int | str,
+        options: ExperimentOptions,
         *,
-        seed: int = 12345,
         model: str = "tiny",
         sleep_s: float = 0.0,
         workdir: Path | None = None,
@@ -92,11 +91,11 @@ class StandInSession:
         self.output_folder = (
             Path(workdir or f"/tmp/fednnunet-standin/{dataset_id}")
             / (run_id or "default")
-            / f"{configuration}_fold{fold}"
+            / f"{options.configuration}_fold{options.fold}"
         )
         self.output_folder.mkdir(parents=True, exist_ok=True)
         self.plans = {"standin": model}
-        self._state = build_state(model, seed)
+        self._state = build_state(model, options.seed)
         self._round = 0
         self.epoch = 0
         ckpt = self.output_folder / "standin_latest.safetensors"

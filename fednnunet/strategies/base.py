@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from fednnunet.phases import Phase
+
 PlanningMode = Literal["federated", "local"]
 SharedLayers = Literal["all", "common"]
 
@@ -37,8 +39,8 @@ class Strategy:
         return self.planning == "federated"
 
     @property
-    def first_phase(self) -> Literal["fingerprint", "plan"]:
-        return "fingerprint" if self.federated_fingerprint else "plan"
+    def first_phase(self) -> Phase:
+        return Phase.FINGERPRINT if self.federated_fingerprint else Phase.PLAN
 
     @property
     def exact_architecture(self) -> bool:

@@ -15,7 +15,7 @@ from fednnunet.adapters.broker import (
     site_task_queue,
 )
 from fednnunet.errors import ServiceUnreachable
-from fednnunet.messages import SiteTask, TrainingOptions
+from fednnunet.messages import ExperimentOptions, SiteTask
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def test_site_task_goes_to_its_own_queue_only(stack, unique_id):
         site_id=a,
         phase="train",
         round=1,
-        options=TrainingOptions(configuration="2d", fold=0),
+        options=ExperimentOptions(configuration="2d", fold=0),
     )
     app.send_task(
         SITE_TASKS["train"], args=[task.model_dump(mode="json")], queue=site_task_queue(a)

@@ -15,7 +15,7 @@ from fednnunet.adapters.redis_state import LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.coordinator.service import Coordinator
 from fednnunet.core import state_machine as sm
-from fednnunet.messages import SiteReport
+from fednnunet.messages import ExperimentOptions, SiteReport
 from fednnunet.spec import parse_spec
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,9 @@ def test_a_state_that_once_held_nan_still_loads(isolated, unique_id):
 def test_random_states_round_trip_through_redis_and_the_journal(isolated, metrics, error):
     settings_, r, coordinator, _ = isolated
     exp = "exp-prop"
-    state = sm.new_experiment(exp, "asym", ["a", "b"], 3, 2, {}, 0.0)
+    state = sm.new_experiment(
+        exp, ["a", "b"], ExperimentOptions(method="asym", rounds=3, quorum=2), 0.0
+    )
     report = SiteReport(
         experiment_id=exp, site_id="a", phase="plan", ok=True, metrics=metrics, error=error
     )

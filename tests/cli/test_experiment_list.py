@@ -8,14 +8,16 @@ from typer.testing import CliRunner
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.cli.main import app
 from fednnunet.core import state_machine as sm
-from fednnunet.messages import ArtifactRef
+from fednnunet.messages import ArtifactRef, ExperimentOptions
 
 pytestmark = pytest.mark.integration
 REF = ArtifactRef(bucket="b", key="k", sha256="0" * 64, size=1)
 
 
 def _finished(experiment_id: str, rounds: int) -> sm.ExperimentState:
-    state = sm.new_experiment(experiment_id, "asym", ["901"], rounds, 1, {}, 0.0)
+    state = sm.new_experiment(
+        experiment_id, ["901"], ExperimentOptions(method="asym", rounds=rounds, quorum=1), 0.0
+    )
     sm.apply_plans_checked(state, 0.0)
     for r in range(1, rounds + 1):
         record = sm.RoundRecord(

@@ -11,8 +11,8 @@ from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.coordinator.service import Coordinator
 from fednnunet.core import state_machine as sm
-from fednnunet.keys import PHASE_HISTORY, PHASE_JOURNAL, coordinator_bucket, global_bucket
-from fednnunet.messages import ArtifactRef
+from fednnunet.keys import HISTORY, JOURNAL, coordinator_bucket, global_bucket
+from fednnunet.messages import ArtifactRef, ExperimentOptions
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +52,15 @@ def journaled(stack, unique_id):
 
 def _snapshot_sizes(coordinator: Coordinator, exp: str) -> list[int]:
     store, bucket = coordinator.store, coordinator.private_bucket
-    refs = [store.stat(bucket, k) for k in store.list_keys(bucket, f"{exp}/{PHASE_JOURNAL}/")]
+    refs = [store.stat(bucket, k) for k in store.list_keys(bucket, f"{exp}/{JOURNAL}/")]
     return [r.size for r in refs if r is not None]
 
 
 def test_snapshots_do_not_grow_with_rounds_and_recovery_restores_history(journaled):
     coordinator = journaled
-    state = sm.new_experiment("exp-j", "asym", ["a", "b"], 60, 2, {}, time.time())
+    state = sm.new_experiment(
+        "exp-j", ["a", "b"], ExperimentOptions(method="asym", rounds=60, quorum=2), time.time()
+    )
     bucket = coordinator.private_bucket
     for closed in (1, 60):  # journal after round 1, then after round 60
         state.history = [_record(r, coordinator.global_bucket) for r in range(1, closed + 1)]
@@ -68,7 +70,7 @@ def test_snapshots_do_not_grow_with_rounds_and_recovery_restores_history(journal
     sizes = _snapshot_sizes(coordinator, "exp-j")
     assert len(sizes) == 2 and max(sizes) < 4096, sizes
     assert abs(sizes[1] - sizes[0]) < 64, "a snapshot must not carry the history"
-    records = coordinator.store.list_keys(bucket, f"exp-j/{PHASE_HISTORY}/")
+    records = coordinator.store.list_keys(bucket, f"exp-j/{HISTORY}/")
     assert len(records) == 60  # one object per closed round, each written once
 
     coordinator.redis.r.delete(coordinator.redis._k("exp-j", "state"))  # Redis lost it
@@ -81,12 +83,14 @@ def test_snapshots_do_not_grow_with_rounds_and_recovery_restores_history(journal
 
 def test_snapshot_counting_more_rounds_than_s3_holds_is_refused(journaled):
     coordinator = journaled
-    state = sm.new_experiment("exp-k", "asym", ["a", "b"], 5, 2, {}, time.time())
+    state = sm.new_experiment(
+        "exp-k", ["a", "b"], ExperimentOptions(method="asym", rounds=5, quorum=2), time.time()
+    )
     state.history = [_record(r, coordinator.global_bucket) for r in (1, 2)]
     state.round, state.seq = 3, 1
     coordinator._journal(state)
     store, bucket = coordinator.store, coordinator.private_bucket
-    store.client.remove_object(bucket, store.list_keys(bucket, f"exp-k/{PHASE_HISTORY}/")[-1])
+    store.client.remove_object(bucket, store.list_keys(bucket, f"exp-k/{HISTORY}/")[-1])
     coordinator.redis.r.delete(coordinator.redis._k("exp-k", "state"))
     with pytest.raises(Exception, match="counts 2 rounds but S3 holds 1"):
         coordinator._load("exp-k")

@@ -8,13 +8,18 @@ from rich.console import Console
 from fednnunet.cli.view import COLUMN_PRIORITY, render, round_summary, status_dict
 from fednnunet.coordinator.plots import build_figure, global_series, render_png
 from fednnunet.core import state_machine as sm
-from fednnunet.messages import ArtifactRef, SiteReport
+from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport
 
 REF = ArtifactRef(bucket="b", key="k", sha256="0" * 64, size=1)
 
 
 def _state_with_rounds(n: int = 3) -> sm.ExperimentState:
-    s = sm.new_experiment("exp-view", "asym", ["901", "902", "903"], 5, 2, {}, 0.0)
+    s = sm.new_experiment(
+        "exp-view",
+        ["901", "902", "903"],
+        ExperimentOptions(method="asym", rounds=5, quorum=2),
+        0.0,
+    )
     sm.apply_plans_checked(s, 0.0)
     for r in range(1, n + 1):
         metrics = {

@@ -1,5 +1,5 @@
 from fednnunet.core import state_machine as sm
-from fednnunet.messages import ArtifactRef, SiteReport
+from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport
 
 REF = ArtifactRef(bucket="b", key="k", sha256="0" * 64, size=1)
 
@@ -22,17 +22,14 @@ def report(site, phase, round_=0, ok=True, **kw):
 
 
 def new(method="ffe", rounds=2, quorum=3, deadline=None):
-    return sm.new_experiment(
-        "e",
-        method,
-        ["a", "b", "c"],
-        rounds,
-        quorum,
-        {},
-        now=0.0,
+    options = ExperimentOptions(
+        method=method,
+        rounds=rounds,
+        quorum=quorum,
         round_deadline_s=deadline,
         heartbeat_timeout_s=10,
     )
+    return sm.new_experiment("e", ["a", "b", "c"], options, now=0.0)
 
 
 def dispatch_all(state, now=1.0):
@@ -154,7 +151,7 @@ def test_failures_retry_then_fail_experiment_below_quorum():
 
 
 def test_stop_after_fingerprint_and_cancel():
-    s = sm.new_experiment("e", "ffe", ["a"], 1, 1, {}, 0.0, stop_after="fingerprint")
+    s = sm.new_experiment("e", ["a"], ExperimentOptions(rounds=1, stop_after="fingerprint"), 0.0)
     sm.apply_merged(s, REF, 1.0)
     assert s.phase == "done"
     s2 = new()

@@ -16,7 +16,7 @@ from fednnunet.core.update_checks import (
     norm_outliers,
     signature_problems,
 )
-from fednnunet.messages import SiteReport, TrainingOptions
+from fednnunet.messages import ExperimentOptions, SiteReport
 
 
 def test_only_a_sites_own_broker_user_speaks_for_it():
@@ -134,4 +134,4 @@ def test_reports_keep_only_finite_bounded_metrics_and_short_errors():
 )  # fmt: skip
 def test_names_that_become_paths_must_be_plain(field, value):
     with pytest.raises(ValueError):
-        TrainingOptions(**({"configuration": "2d", "fold": 0} | {field: value}))
+        ExperimentOptions(**({"configuration": "2d", "fold": 0} | {field: value}))

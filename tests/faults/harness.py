@@ -30,7 +30,8 @@ from fednnunet.adapters.weights_codec import decode_weights, encode_weights
 from fednnunet.cli.simulate import LocalFederation, submit
 from fednnunet.core.state_machine import TERMINAL, ExperimentState
 from fednnunet.errors import FedError
-from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket, site_bucket
+from fednnunet.keys import GLOBAL_SITE, artifact_key, global_bucket, site_bucket
+from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.site.standin import StandInSession
 from fednnunet.spec import ExperimentSpec, parse_spec
@@ -261,11 +262,11 @@ def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: fl
 
 # ---------------------------------------------------------------- checks
 def update_key(experiment_id: str, round_: int, site: str) -> str:
-    return artifact_key(experiment_id, PHASE_TRAIN, round_, site, "update.safetensors")
+    return artifact_key(experiment_id, Phase.TRAIN, round_, site, "update.safetensors")
 
 
 def global_key(experiment_id: str, round_: int) -> str:
-    return artifact_key(experiment_id, PHASE_TRAIN, round_, GLOBAL_SITE, "weights.safetensors")
+    return artifact_key(experiment_id, Phase.TRAIN, round_, GLOBAL_SITE, "weights.safetensors")
 
 
 def load_update(store: ArtifactStore, prefix: str, exp: str, round_: int, site: str) -> dict:
@@ -285,7 +286,7 @@ def check_history(
     participants' updates in S3.
     """
     assert state.phase == "done", state.error
-    assert [r.round for r in state.history] == list(range(1, state.rounds + 1))
+    assert [r.round for r in state.history] == list(range(1, state.options.rounds + 1))
     store = iso.store()
     gbucket = global_bucket(iso.settings.bucket_prefix)
     exp = state.experiment_id
@@ -294,7 +295,7 @@ def check_history(
         assert len(set(record.participants)) == len(record.participants), record.participants
         assert set(record.participants) <= set(sites)
         assert not set(record.participants) & set(record.late)
-        objs = store.list_keys(gbucket, f"{exp}/{PHASE_TRAIN}/r{record.round:05d}/")
+        objs = store.list_keys(gbucket, f"{exp}/{Phase.TRAIN}/r{record.round:05d}/")
         assert objs == [global_key(exp, record.round)], objs
         ordered = [s for s in sites if s in record.participants]
         updates = [
@@ -330,9 +331,7 @@ def reference_weights(
         sessions = {
             s: StandInSession(
                 ds,
-                spec.configuration,
-                spec.fold,
-                seed=spec.seed,
+                spec.options(),
                 model=model,
                 run_id=spec.experiment_id,
                 workdir=Path(tmp) / s,

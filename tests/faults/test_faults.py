@@ -21,7 +21,7 @@ from fednnunet.adapters.broker import SITE_TASKS, make_celery, site_task_queue
 from fednnunet.cli.simulate import submit
 from fednnunet.core.state_machine import TERMINAL
 from fednnunet.keys import site_bucket
-from fednnunet.messages import SiteTask, TrainingOptions
+from fednnunet.messages import SiteTask
 from fednnunet.settings import get_settings
 from tests.faults.harness import (
     Federation,
@@ -399,7 +399,7 @@ def test_same_task_delivered_twice_is_a_no_op(iso, unique_id):
             phase="train",
             round=1,
             attempt=state.sites_status[site].attempt,
-            options=TrainingOptions.model_validate(state.options),
+            options=state.options,
         )
         for _ in range(2):  # the coordinator's delivery + these two
             client.send_task(

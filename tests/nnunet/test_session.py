@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fednnunet.errors import FedError
+from fednnunet.messages import ExperimentOptions
 from fednnunet.nnunet.demo_data import make_demo_dataset
 from fednnunet.nnunet.planning import plan_and_preprocess, plans_sha256
 from fednnunet.nnunet.predict import predict_folder
@@ -20,13 +21,15 @@ from fednnunet.nnunet.session import SIDECAR_NAME, FederatedTrainingSession
 
 pytestmark = pytest.mark.nnunet
 
+# Three epochs in all (3 rounds of 1 epoch), two training iterations each, on the CPU.
 TINY = dict(
-    total_epochs=3,
-    iterations_per_epoch=2,
-    val_iterations_per_epoch=1,
-    da_processes=0,
-    torch_threads=2,
+    configuration="2d", device="cpu", rounds=3, iterations_per_epoch=2, val_iterations_per_epoch=1
 )
+RUNTIME = dict(da_processes=0, torch_threads=2)
+
+
+def tiny(fold: int | str = 0, **options) -> ExperimentOptions:
+    return ExperimentOptions(fold=fold, **TINY, **options)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +74,14 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_same_seed_same_initial_weights_across_sites(results: Path) -> None:
-    with FederatedTrainingSession(901, "2d", 0, seed=7, **TINY) as a:
+    with FederatedTrainingSession(901, tiny(0, seed=7), **RUNTIME) as a:
         wa = a.state_dict()
         assert a.num_training_cases() == 6  # 5-fold split of 8 cases
-    with FederatedTrainingSession(902, "2d", "all", seed=7, **TINY) as b:
+    with FederatedTrainingSession(902, tiny("all", seed=7), **RUNTIME) as b:
         wb = b.state_dict()
         assert b.num_training_cases() == 5  # fold "all": every case
         assert b.output_folder.name == "fold_all"
-    with FederatedTrainingSession(902, "2d", 1, seed=8, **TINY) as c:
+    with FederatedTrainingSession(902, tiny(1, seed=8), **RUNTIME) as c:
         wc = c.state_dict()
     assert _equal(wa, wb)
     assert not _equal(wa, wc)
@@ -90,7 +93,7 @@ def test_same_seed_same_initial_weights_across_sites(results: Path) -> None:
 
 def test_rounds_resume_finish_and_plain_predict(results: Path, planned: Path) -> None:
     calls: list[tuple[int, int, int]] = []
-    s1 = FederatedTrainingSession(901, "2d", 0, run_id="run-1", **TINY)
+    s1 = FederatedTrainingSession(901, tiny(0), run_id="run-1", **RUNTIME)
     try:
         assert s1.last_completed_round() == 0 and s1.current_epoch == 0
         m = s1.train_epochs(1, on_iteration=lambda *a: calls.append(a))
@@ -129,7 +132,7 @@ def test_rounds_resume_finish_and_plain_predict(results: Path, planned: Path) ->
     assert json.loads((fold_dir / SIDECAR_NAME).read_text())["round"] == 1
 
     # A restarted worker: new session object, same folders -> continues after round 1.
-    s2 = FederatedTrainingSession(901, "2d", 0, run_id="run-1", **TINY)
+    s2 = FederatedTrainingSession(901, tiny(0), run_id="run-1", **RUNTIME)
     try:
         assert s2.last_completed_round() == 1 and s2.current_epoch == 1
         assert _equal(s2.state_dict(), saved)
@@ -149,7 +152,7 @@ def test_rounds_resume_finish_and_plain_predict(results: Path, planned: Path) ->
     assert res["mean_dice"] == pytest.approx(summary["foreground_mean"]["Dice"])
 
     # Another run in the same folder does not pick up this run's state.
-    with FederatedTrainingSession(901, "2d", 0, run_id="run-2", **TINY) as s3:
+    with FederatedTrainingSession(901, tiny(0), run_id="run-2", **RUNTIME) as s3:
         assert s3.last_completed_round() == 0 and s3.current_epoch == 0
 
     # Plain nnU-Net inference on the result (trainer found by name, checkpoint_final.pth).

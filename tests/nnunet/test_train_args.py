@@ -1,11 +1,11 @@
-"""nnUNetv2_train flags in a spec: parsed like nnU-Net, mapped onto TrainingOptions."""
+"""nnUNetv2_train flags in a spec: parsed like nnU-Net, mapped onto ExperimentOptions."""
 
 from __future__ import annotations
 
 import pytest
 
 from fednnunet.errors import FedError
-from fednnunet.messages import TrainingOptions
+from fednnunet.messages import ExperimentOptions
 from fednnunet.nnunet.train_args import parse_nnunet_train_args
 
 
@@ -18,14 +18,14 @@ def test_defaults_match_nnunetv2_train() -> None:
     assert set(out) == {"trainer", "plans_identifier", "device", "export_npz"}
 
 
-def test_flags_map_onto_training_options() -> None:
+def test_flags_map_onto_experiment_options() -> None:
     out = parse_nnunet_train_args(
         ["-tr", "nnUNetTrainerNoMirroring", "-p", "nnUNetResEncUNetMPlans", "-device", "cpu",
          "--npz", "-num_gpus", "1"]
     )  # fmt: skip
-    fields = {k: v for k, v in out.items() if k in TrainingOptions.model_fields}
+    fields = {k: v for k, v in out.items() if k in ExperimentOptions.model_fields}
     assert set(fields) == {"trainer", "plans_identifier", "device", "export_npz"}
-    opts = TrainingOptions(configuration="2d", fold=0, **fields)
+    opts = ExperimentOptions(configuration="2d", fold=0, **fields)
     assert opts.trainer == "nnUNetTrainerNoMirroring"
     assert opts.plans_identifier == "nnUNetResEncUNetMPlans"
     assert opts.device == "cpu" and opts.export_npz is True
@@ -65,7 +65,7 @@ def test_pretrained_weights_become_the_specs_initial_model() -> None:
         }
     )
     assert spec.pretrained_weights == "/x/ckpt.pth"
-    assert spec.training_options().trainer == "nnUNetTrainer"
+    assert spec.options().trainer == "nnUNetTrainer"
 
 
 def test_checkpoint_weights_are_read_without_unpickling_objects(tmp_path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.core.redaction import redact_error
-from fednnunet.messages import SiteTask, TrainingOptions
+from fednnunet.messages import ExperimentOptions, SiteTask
 from fednnunet.nnunet.demo_data import make_demo_federation
 from fednnunet.nnunet.env import make_nnunet_dirs
 from fednnunet.site.service import SiteService
@@ -47,7 +47,7 @@ def test_a_failing_site_reports_without_its_case_ids(stack, tmp_path: Path, monk
     settings = stack.model_copy(update={"site_id": "901", "dataset_id": 905})
     service = SiteService(settings, ArtifactStore(settings))
     task = SiteTask(experiment_id="e1", site_id="901", phase="fingerprint", round=0,
-                    options=TrainingOptions(configuration="2d", fold=0))  # fmt: skip
+                    options=ExperimentOptions(configuration="2d", fold=0))  # fmt: skip
     report = service.handle(task)
     assert not report.ok
     assert "has no label file" in report.error, report.error

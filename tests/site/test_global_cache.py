@@ -9,8 +9,9 @@ import pytest
 
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import encode_weights
-from fednnunet.keys import GLOBAL_SITE, PHASE_TRAIN, artifact_key, global_bucket, site_bucket
-from fednnunet.messages import SiteTask, TrainingOptions
+from fednnunet.keys import GLOBAL_SITE, artifact_key, global_bucket, site_bucket
+from fednnunet.messages import ExperimentOptions, SiteTask
+from fednnunet.phases import Phase
 from fednnunet.site.service import SiteService
 from fednnunet.site.standin import StandInSession, build_state
 
@@ -37,14 +38,14 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     )
     store.ensure_bucket(gbucket)
     store.ensure_bucket(sbucket)
-    global_key = artifact_key(exp, PHASE_TRAIN, 1, GLOBAL_SITE, "weights.safetensors")
+    global_key = artifact_key(exp, Phase.TRAIN, 1, GLOBAL_SITE, "weights.safetensors")
     ref = store.put_bytes(gbucket, global_key, encode_weights(build_state("tiny", 99)))
     task = SiteTask(
         experiment_id=exp,
         site_id=site,
         phase="train",
         round=2,
-        options=TrainingOptions(configuration="2d", fold=0, rounds=3, device="cpu"),
+        options=ExperimentOptions(configuration="2d", fold=0, rounds=3, device="cpu"),
         global_weights=ref,
     )
 
@@ -65,7 +66,7 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     assert again.artifact is not None and again.artifact.sha256 == first.artifact.sha256
 
     # The next round's global replaces it in the cache (one per experiment).
-    key3 = artifact_key(exp, PHASE_TRAIN, 2, GLOBAL_SITE, "weights.safetensors")
+    key3 = artifact_key(exp, Phase.TRAIN, 2, GLOBAL_SITE, "weights.safetensors")
     ref3 = store.put_bytes(gbucket, key3, encode_weights(build_state("tiny", 98)))
     svc = _service(settings, store, tmp_path / "w1")
     assert svc.handle(task.model_copy(update={"round": 3, "global_weights": ref3})).ok

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fednnunet.errors import FedError, PolicyRefusal
-from fednnunet.messages import SiteReport, SiteTask, TrainingOptions
+from fednnunet.messages import ExperimentOptions, SiteReport, SiteTask
 from fednnunet.settings import Settings, resolve_under
 from fednnunet.site.policy import load_policy
 from fednnunet.site.service import SiteService
@@ -89,4 +89,4 @@ def test_the_trainer_must_be_an_nnunet_trainer_class():
     for name in ("join", "nnUNetTrainerDoesNotExist"):
         with pytest.raises(PolicyRefusal):
             resolve_trainer_class(name)
-    assert TrainingOptions(configuration="2d", fold=0).trainer == "nnUNetTrainer"
+    assert ExperimentOptions(configuration="2d", fold=0).trainer == "nnUNetTrainer"
