@@ -307,7 +307,9 @@ def _run_federated(
     purge_s3(store, global_bucket(settings.bucket_prefix), spec.experiment_id + "/")
     if state.phase != "done":
         raise RuntimeError(f"federated {method} run ended {state.phase}: {state.error}")
-    info = {"state": state.model_dump(mode="json"), "phase_times": phase_times, "sites": sites}
+    state_json = state.model_dump(mode="json")
+    state_json["history"] = [r.model_dump(mode="json") for r in state.history]
+    info = {"state": state_json, "phase_times": phase_times, "sites": sites}
     return info, wall, peak_planning
 
 

@@ -1,4 +1,4 @@
-"""Benchmark runner: ``python -m bench.run [b1 b2 b3 quality ...] [--quick] [--hard]``.
+"""Benchmark runner: ``python -m bench.run [b1 b2 b3 b7 quality ...] [--quick] [--hard]``.
 
 Prints one table per benchmark and writes ``bench/out/<name>.json``.
 B2 and B3 need the local stack (RabbitMQ, Redis, ``deploy/local/stack.sh up``).
@@ -19,9 +19,10 @@ BENCHMARKS = {
     "b1": "bench.b1_aggregation",
     "b2": "bench.b2_round_overhead",
     "b3": "bench.b3_scale",
+    "b7": "bench.b7_long_run",  # 1000 rounds (--quick: 50), restart at 90 %
     "quality": "bench.quality",  # B4, B5, B6 and FFE-vs-centralized Dice (real nnU-Net)
 }
-NEEDS_STACK = {"b2", "b3", "quality"}
+NEEDS_STACK = {"b2", "b3", "b7", "quality"}
 REPO = Path(__file__).resolve().parents[1]
 
 

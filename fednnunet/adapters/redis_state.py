@@ -3,7 +3,9 @@
 Keys (``{ns}`` defaults to ``fednnunet``)::
 
     {ns}:experiments                 set of experiment ids
-    {ns}:exp:{id}:state              ExperimentState as JSON
+    {ns}:exp:{id}:state              ExperimentState as JSON (bounded: no round history)
+    {ns}:exp:{id}:history            hash round -> RoundRecord JSON (one entry per closed
+                                     round, written with the state save that closes it)
     {ns}:exp:{id}:lock               coordinator lock (one decision at a time)
     {ns}:exp:{id}:fence              fencing token: bumped by each lock holder; a state
                                      save by an older holder is refused
@@ -23,12 +25,12 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
 
-from fednnunet.core.state_machine import ExperimentState
+from fednnunet.core.state_machine import ExperimentState, RoundRecord
 from fednnunet.errors import FedError, ServiceUnreachable
 from fednnunet.keys import IDLE_EXPERIMENT
 from fednnunet.messages import ProgressEvent
@@ -55,11 +57,13 @@ class Fence:
 
 
 # Save only while our token is the newest: a paused coordinator whose lock expired
-# (and was taken by another) cannot overwrite the newer state.
+# (and was taken by another) cannot overwrite the newer state. The round records the
+# save closes (ARGV[4..]: round, record, round, record, ...) go in the same atomic step.
 _FENCED_SAVE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[3])
+if #ARGV > 3 then redis.call('HSET', KEYS[4], unpack(ARGV, 4)) end
 return 1
 """
 MAX_REFUSALS_KEPT = 100
@@ -91,26 +95,78 @@ class RedisState:
         return f"{self.ns}:exp:{experiment}:{what}"
 
     # -- experiment state ----------------------------------------------------
-    def load(self, experiment: str) -> ExperimentState | None:
+    def load(self, experiment: str, with_history: bool = False) -> ExperimentState | None:
+        """The state (bounded); ``with_history``: also every round record (O(rounds):
+        for reports and tests, never on the coordinator's per-report path)."""
         raw = self.r.get(self._k(experiment, "state"))
-        return ExperimentState.model_validate_json(raw) if raw else None
+        if not raw:
+            return None
+        state = ExperimentState.model_validate_json(raw)
+        if state.history and not state.rounds_closed:
+            self._migrate_embedded_history(state)
+        if with_history:
+            state.history = self.history(experiment, 0, state.rounds_closed)
+        return state
+
+    def _migrate_embedded_history(self, state: ExperimentState) -> None:
+        """A state saved before the history moved out: its records go to the hash."""
+        records = state.history
+        self.r.hset(
+            self._k(state.experiment_id, "history"),
+            mapping={str(r.round): r.model_dump_json() for r in records},
+        )
+        state.rounds_closed, state.last_round = records[-1].round, records[-1]
+        state.train_started_at = records[0].opened_at
+        state.history = []
+
+    def history(self, experiment: str, after: int, upto: int) -> list[RoundRecord]:
+        """Round records ``after``+1 .. ``upto`` (one round trip, only those rounds):
+        readers keep what they have and ask for the new rounds only."""
+        if upto <= after:
+            return []
+        raw = self.r.hmget(
+            self._k(experiment, "history"), [str(r) for r in range(after + 1, upto + 1)]
+        )
+        return [RoundRecord.model_validate_json(x) for x in raw if x]
+
+    def round_record(self, experiment: str, round_: int) -> RoundRecord | None:
+        raw = self.r.hget(self._k(experiment, "history"), str(round_))
+        return RoundRecord.model_validate_json(raw) if raw else None
 
     def exists(self, experiment: str) -> bool:
         return bool(self.r.exists(self._k(experiment, "state")))
 
-    def save(self, state: ExperimentState, fence: Fence | None = None) -> None:
-        """Store the state; with a ``fence``, only if that holder still owns the lock."""
+    def save(
+        self,
+        state: ExperimentState,
+        fence: Fence | None = None,
+        records: Sequence[RoundRecord] = (),
+    ) -> None:
+        """Store the state and the round ``records`` it closes (one hash entry each, in
+        the same atomic step); with a ``fence``, only if that holder still owns the lock.
+
+        A record is keyed by its round, so writing it again is idempotent.
+        """
         exp = state.experiment_id
+        history = {str(r.round): r.model_dump_json() for r in records}
+        entries = [x for item in history.items() for x in item]
         if fence is None:
             pipe = self.r.pipeline()
             pipe.set(self._k(exp, "state"), state.model_dump_json())
             pipe.sadd(f"{self.ns}:experiments", exp)
+            if entries:
+                pipe.hset(self._k(exp, "history"), mapping=history)
             pipe.execute()
             return
         fence.check()
-        keys = [self._k(exp, "state"), self._k(exp, "fence"), f"{self.ns}:experiments"]
+        keys = [
+            self._k(exp, "state"),
+            self._k(exp, "fence"),
+            f"{self.ns}:experiments",
+            self._k(exp, "history"),
+        ]
         if not self.r.eval(
-            _FENCED_SAVE, 3, *keys, state.model_dump_json(), str(fence.token), exp
+            _FENCED_SAVE, 4, *keys, state.model_dump_json(), str(fence.token), exp, *entries
         ):
             fence.lost = True
             raise LockLost(f"experiment {exp} has a newer lock holder; state not saved")

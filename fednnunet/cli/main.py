@@ -187,7 +187,7 @@ def experiment_status(
         redis.heartbeats(experiment_id),
     )
     if as_json:
-        out = status_dict(*args)
+        out = status_dict(*args, history=redis.history(experiment_id, 0, state.rounds_closed))
         counts, last = redis.refusals(experiment_id)
         out["refused_messages"] = {"by_kind": counts, "latest": last[:10]}
         out["final_missing_metrics"] = state.final_missing
@@ -302,13 +302,13 @@ def experiment_plot(
         if (parsed := parse_artifact_key(key)) is not None and parsed.name.endswith(".png")
     }
     keys = [stored[r] for r in sorted(stored)]
-    state = None
+    redis, state = None, None
     try:
-        _, state = _load_state(settings, experiment_id)
+        redis, state = _load_state(settings, experiment_id)
     except FedError:
         if not keys:
             raise
-    latest_round = state.history[-1].round if state is not None and state.history else 0
+    latest_round = state.rounds_closed if state is not None else 0
     stored_round = max(stored, default=0)
     if keys and stored_round >= latest_round:
         ref = store.stat(bucket, keys[-1])
@@ -316,8 +316,9 @@ def experiment_plot(
     else:
         from fednnunet.coordinator.plots import render_png
 
-        if state is None or not state.history:
+        if state is None or not state.rounds_closed:
             raise FedError(f"experiment {experiment_id} has no completed round yet")
+        state.history = redis.history(experiment_id, 0, state.rounds_closed)
         output.write_bytes(render_png(state))
     console.print(f"wrote {output}")
 

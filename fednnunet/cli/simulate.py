@@ -60,7 +60,7 @@ def wait_for(
         if on_update is not None and state is not None:
             on_update(state, redis)
         if state is not None and state.phase in TERMINAL:
-            return state
+            return redis.load(experiment_id, with_history=True) or state
         if time.monotonic() > deadline:
             raise FedError(
                 f"experiment {experiment_id} did not finish within {timeout_s:.0f}s "

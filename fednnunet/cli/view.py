@@ -11,7 +11,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fednnunet.core.state_machine import ExperimentState
+from fednnunet.core.state_machine import ExperimentState, RoundRecord
 from fednnunet.phases import TERMINAL, Outcome, Phase
 
 _STATE_STYLE = {
@@ -29,8 +29,11 @@ def status_dict(
     progress: dict[str, dict],
     moved: dict[str, int],
     heartbeats: dict[str, float],
+    history: list[RoundRecord] | None = None,
 ) -> dict[str, Any]:
+    """``history``: the round records to list (default: those loaded with the state)."""
     now = time.time()
+    history = state.history if history is None else history
     return {
         "experiment_id": state.experiment_id,
         "method": state.options.method,
@@ -63,23 +66,22 @@ def status_dict(
                 "wall_s": round(r.closed_at - r.opened_at, 3),
                 "overhead_s": None if r.overhead_s() is None else round(r.overhead_s(), 3),
             }
-            for r in state.history
+            for r in history
         ],
         "final_metrics": state.final_metrics,
     }
 
 
 def eta_seconds(state: ExperimentState, now: float) -> float | None:
-    if state.phase != Phase.TRAIN or not state.history:
+    if state.phase != Phase.TRAIN or not state.rounds_closed or state.train_started_at is None:
         return None
-    first = state.history[0].opened_at
-    per_round = (now - first) / max(1, len(state.history))
-    return max(0.0, per_round * (state.options.rounds - len(state.history)))
+    per_round = (now - state.train_started_at) / state.rounds_closed
+    return max(0.0, per_round * (state.options.rounds - state.rounds_closed))
 
 
 def round_summary(state: ExperimentState) -> str:
     """``round k/N`` while training, else how many of the N rounds were completed."""
-    completed = len(state.history)
+    completed = state.rounds_closed
     if state.phase == Phase.TRAIN and state.round:
         return f"round {min(state.round, state.options.rounds)}/{state.options.rounds}"
     return f"{completed}/{state.options.rounds} rounds completed"
@@ -193,7 +195,7 @@ def render(
         bar = Table.grid(padding=(0, 2))
         bar.add_row(
             Text(round_summary(state) + (f"  ETA {eta:,.0f}s" if eta is not None else "")),
-            ProgressBar(total=state.options.rounds, completed=len(state.history), width=40),
+            ProgressBar(total=state.options.rounds, completed=state.rounds_closed, width=40),
         )
         parts.append(bar)
     has_local = any("local_mean_dice" in m for m in state.final_metrics.values())
@@ -205,7 +207,7 @@ def render(
     for site, row in info["sites"].items():
         prog = progress.get(site, {})
         metrics = row["metrics"] or {}
-        last_round = state.history[-1].metrics.get(site, {}) if state.history else {}
+        last_round = state.last_round.metrics.get(site, {}) if state.last_round else {}
         loss = metrics.get("train_loss", last_round.get("train_loss"))
         pdice = metrics.get("pseudo_dice", last_round.get("pseudo_dice"))
         dice = (state.final_metrics.get(site) or {}).get("mean_dice")

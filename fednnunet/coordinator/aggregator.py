@@ -8,6 +8,7 @@ of sites.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,6 +117,118 @@ def _signature(header: WeightsHeader) -> Signature:
     )
 
 
+class RoundFold:
+    """One round's FedAvg, folded as each accepted update arrives (off the critical path).
+
+    For rounds whose reference model is known before any update arrives (the previous
+    global: rounds >= 2) and plain FedAvg by declared cases. Each update is screened on
+    arrival with exactly the checks of :func:`aggregate_round` (cached per site and
+    sha256) and added to the running sum. The sum is always the fold of a list of
+    updates *in the round's canonical order* (the order the coordinator accepted the
+    reports): when the final list differs from what was folded (a median-norm outlier,
+    a site left out, another coordinator took reports) the sum is rebuilt in that order.
+    So the global never depends on arrival timing or on a coordinator restart: it is
+    bit for bit what folding the accepted updates in that order gives.
+    """
+
+    def __init__(self, store: ArtifactStore, previous_global: ArtifactRef, exact: bool) -> None:
+        path = store.get_file(previous_global)
+        self.previous = previous_global
+        self.reference = _signature(read_header(path))
+        self.reference_norm = l2_norm(load_weights_file(path))
+        self.exact = exact
+        self.names = list(self.reference.tensors)
+        self._verdicts: dict[tuple[str, str], tuple[list[str], float | None]] = {}
+        self._lock = threading.Lock()
+        self._acc: StreamingFedAvg | None = None
+        self._folded: list[tuple[str, str, float]] = []  # (site, sha256, weight), in order
+        self._dtypes: dict[str, torch.dtype] = {}
+
+    def screen(self, store: ArtifactStore, report: SiteReport) -> tuple[list[str], float | None]:
+        """(reasons to quarantine, L2 norm) of the report's update; computed once."""
+        ref = report.artifact
+        if ref is None:
+            return ["no update"], None
+        ident = (report.site_id, ref.sha256)
+        with self._lock:
+            known = self._verdicts.get(ident)
+        if known is not None:
+            return known
+        path = store.get_file(ref)
+        problems = signature_problems(_signature(read_header(path)), self.reference, self.exact)
+        norm = None
+        if not problems:
+            tensors = load_weights_file(path, self.names)
+            problems = update_problems(tensors, reference_norm=self.reference_norm)
+            norm = l2_norm(tensors)
+            del tensors
+        verdict = (problems[:3], None if problems else norm)
+        with self._lock:
+            self._verdicts[ident] = verdict
+        return verdict
+
+    def fold(self, store: ArtifactStore, ordered: Sequence[tuple[SiteReport, float]]) -> None:
+        """Make the sum the fold of exactly ``ordered`` ((report, weight), in this order):
+        only what is not folded yet is added, unless the folded list is no prefix of it."""
+        want = [(r.site_id, r.artifact.sha256 if r.artifact else "", w) for r, w in ordered]
+        if self._acc is None or self._folded != want[: len(self._folded)]:
+            self._acc, self._folded, self._dtypes = StreamingFedAvg(self.names), [], {}
+        for (report, weight), ident in zip(
+            ordered[len(self._folded) :], want[len(self._folded) :], strict=True
+        ):
+            if report.artifact is None:
+                raise ValueError(f"{report.site_id} has no update to fold")
+            update = load_weights_file(store.get_file(report.artifact), self.names)
+            if not self._dtypes:
+                self._dtypes = {n: t.dtype for n, t in update.items()}
+            self._acc.add(update, float(weight), owned=True)
+            del update
+            self._folded.append(ident)
+
+    @property
+    def folded_sites(self) -> list[str]:
+        return [site for site, _, _ in self._folded]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The weighted mean of what is folded (idempotent: the same tensors again)."""
+        if self._acc is None:
+            raise ValueError("nothing folded")
+        return self._acc.result(self._dtypes)
+
+
+def _aggregate_folded(
+    store: ArtifactStore,
+    fold: RoundFold,
+    reports: Sequence[SiteReport],
+    cases: Mapping[str, int] | None,
+    min_participants: int,
+) -> tuple[dict[str, torch.Tensor] | None, list[str], dict[str, str], dict[str, float]]:
+    """The batch rules of :func:`aggregate_round` on a :class:`RoundFold`'s cached verdicts
+    and running sum: (averaged tensors or None, participants, quarantined, weights)."""
+    quarantined: dict[str, str] = {}
+    norms: dict[str, float] = {}
+    for report in reports:
+        try:
+            problems, norm = fold.screen(store, report)
+        except ServiceUnreachable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any malformed update is quarantined
+            problems, norm = [_one_line(exc)], None
+        if problems:
+            quarantined[report.site_id] = "; ".join(problems)
+        else:
+            norms[report.site_id] = float(norm or 0.0)
+    outliers = norm_outliers(norms)
+    quarantined |= outliers
+    accepted = [r for r in reports if r.site_id in norms and r.site_id not in outliers]
+    participants = [r.site_id for r in accepted]
+    if len(accepted) < max(1, min_participants):
+        return None, participants, quarantined, {}
+    declared = {r.site_id: (cases or {}).get(r.site_id, r.num_cases) for r in accepted}
+    fold.fold(store, [(r, declared[r.site_id]) for r in accepted])
+    return fold.result(), participants, quarantined, capped_weights(declared, None)
+
+
 def aggregate_round(
     store: ArtifactStore,
     reports: Sequence[SiteReport],
@@ -129,6 +242,7 @@ def aggregate_round(
     aggregation: str = "fedavg",
     min_participants: int = 1,
     previous_defines_model: bool = True,
+    fold: RoundFold | None = None,
 ) -> AggregationResult:
     """Average the verified, sane updates of ``reports`` into a new global object.
 
@@ -139,8 +253,30 @@ def aggregate_round(
     the round's median are quarantined. Each site weighs its ``cases`` (declared at
     planning; else the report's), capped at ``max_site_weight``.
     ``exact_architecture`` (FFE): one architecture everywhere, nothing more or less.
+    ``fold``: this round's :class:`RoundFold` (plain FedAvg, previous global defines the
+    model): its cached verdicts and running sum are used, with the same rules.
     """
     t0 = time.perf_counter()
+    if fold is not None:
+        if not (
+            aggregation == "fedavg"
+            and max_site_weight is None
+            and previous_defines_model
+            and previous_global == fold.previous
+        ):
+            raise ValueError("this round cannot use a RoundFold")
+        averaged, participants, quarantined, weights = _aggregate_folded(
+            store, fold, reports, cases, min_participants
+        )
+        if averaged is None:
+            return AggregationResult(
+                None, participants, quarantined, seconds=time.perf_counter() - t0
+            )
+        aliases = {a: c for a, c in fold.reference.aliases.items() if c in averaged}
+        return _publish(
+            store, join_aliases(averaged, aliases), participants, quarantined, weights,
+            aggregation, target_bucket, target_key, len(fold.names), t0,
+        )  # fmt: skip
     quarantined: dict[str, str] = {}
     reference: Signature | None = None
     ref_norm: float | None = None
@@ -220,6 +356,25 @@ def aggregate_round(
         # case-weighted FedAvg); with one, the capped shares.
         factors = weights if max_site_weight is not None else declared
         full, _ = average_files(paths, [factors[s] for s in participants], shared, aliases)
+    return _publish(
+        store, full, participants, quarantined, weights, aggregation, target_bucket,
+        target_key, len(shared), t0,
+    )  # fmt: skip
+
+
+def _publish(
+    store: ArtifactStore,
+    full: dict[str, torch.Tensor],
+    participants: list[str],
+    quarantined: dict[str, str],
+    weights: Mapping[str, float],
+    aggregation: str,
+    target_bucket: str,
+    target_key: str,
+    layers: int,
+    t0: float,
+) -> AggregationResult:
+    """Encode and upload the global (once); participants and weights in its metadata."""
     # Serialized in memory and uploaded from there (one hash pass, no temporary file);
     # the store keeps a verified copy, so next round's screening downloads nothing.
     # No per-site weights here: every site reads this header (they follow from the
@@ -232,7 +387,7 @@ def aggregate_round(
         ref,
         participants,
         quarantined,
-        layers_averaged=len(shared),
+        layers_averaged=layers,
         seconds=time.perf_counter() - t0,
         weights={s: weights[s] for s in participants},
     )

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import read_file_header
-from fednnunet.coordinator.aggregator import AggregationResult, aggregate_round
+from fednnunet.coordinator.aggregator import AggregationResult, RoundFold, aggregate_round
 from fednnunet.core import state_machine as sm
 from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.identity import SenderPolicy
@@ -98,7 +98,10 @@ class Coordinator:
         self.render_plots = render_plots
         self.plot_every_s = plot_every_s
         self._last_plot: dict[str, tuple[tuple[int, bool], float]] = {}
-        self._history_journaled: dict[str, int] = {}  # experiment -> rounds written to S3
+        self._plot_history: dict[str, list[sm.RoundRecord]] = {}  # plot thread's copy
+        # Experiment -> the running FedAvg of its open round (folded as reports arrive).
+        self._folds: dict[str, RoundFold] = {}
+        self._folds_lock = threading.Lock()
         self.senders = SenderPolicy.from_settings(settings)
 
     # ------------------------------------------------------------ entry points
@@ -154,6 +157,7 @@ class Coordinator:
             # reports, only its own update remains to be downloaded before aggregating.
             try:
                 self.store.get_file(ref)
+                self._prescreen(report)
             except FedError as exc:
                 log.warning("prefetch of %s's update failed: %s", report.site_id, exc)
         with self.redis.locked(exp) as fence:
@@ -183,7 +187,77 @@ class Coordinator:
                     report.round,
                     report.site_id,
                 )
+            elif report.ok and report.phase == Phase.TRAIN:
+                self._fold_accepted(state)
             self._advance_locked(state, fence)
+
+    # ------------------------------------------------------------ streaming FedAvg
+    def _round_fold(self, state: sm.ExperimentState) -> RoundFold | None:
+        """The open round's fold, when its rules allow folding on arrival (FedAvg by
+        declared cases, no cap, the previous global defines the model); else None."""
+        if not (
+            state.phase == Phase.TRAIN
+            and state.round > 1
+            and state.global_weights is not None
+            and state.options.aggregation == "fedavg"
+            and state.options.max_site_weight is None
+        ):
+            return None
+        exp = state.experiment_id
+        with self._folds_lock:
+            fold = self._folds.get(exp)
+            if fold is None or fold.previous != state.global_weights:
+                exact = state.options.strategy.exact_architecture
+                fold = RoundFold(self.store, state.global_weights, exact)
+                self._folds[exp] = fold
+            return fold
+
+    def _prescreen(self, report: SiteReport) -> None:
+        """Outside the lock, concurrently with other reports: screen the update against
+        the open round's reference (the verdict is cached; the locked fold reuses it)."""
+        state = self.redis.load(report.experiment_id)  # unlocked read: which round is open
+        if state is None or (report.phase, report.round) != (state.phase, state.round):
+            return
+        fold = self._round_fold(state)
+        if fold is not None:
+            try:
+                fold.screen(self.store, report)
+            except ServiceUnreachable:
+                raise
+            except Exception:  # noqa: BLE001 - refused by the locked screening, with the reason
+                return
+
+    def _fold_accepted(self, state: sm.ExperimentState) -> None:
+        """Fold the accepted updates of the open round into its running sum, in the
+        canonical order; those that fail screening are left for aggregation to refuse."""
+        fold = self._round_fold(state)
+        if fold is None:
+            return
+        ordered = []
+        for report in self._canonical_reports(state):
+            try:
+                problems, _ = fold.screen(self.store, report)
+            except ServiceUnreachable:
+                raise
+            except Exception:  # noqa: BLE001, S112 - quarantined by the aggregation, with why
+                continue
+            if not problems:
+                cases = state.declared_cases.get(report.site_id, report.num_cases)
+                ordered.append((report, cases))
+        fold.fold(self.store, ordered)
+
+    @staticmethod
+    def _canonical_reports(state: sm.ExperimentState) -> list[SiteReport]:
+        """The round's accepted reports in the order they were accepted (ties: site order).
+
+        Kept in the state (finish times), so a restarted coordinator folds the same order.
+        """
+        done = [
+            (st.finished_at or 0.0, state.sites.index(site), st.report)
+            for site, st in state.sites_status.items()
+            if st.state == "done" and st.report is not None
+        ]
+        return [report for _, _, report in sorted(done, key=lambda x: x[:2])]
 
     def _checked_reference(self, report: SiteReport) -> ArtifactRef | None:
         """The report's artifact, believed only after checking it against S3 itself:
@@ -272,26 +346,36 @@ class Coordinator:
 
     # ------------------------------------------------------------ the loop
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
-        for _ in range(8 + 4 * state.options.rounds):  # bounded: each pass moves at least one step
-            now = self.clock()
-            seq_before = state.seq
-            self._apply_heartbeats(state, now)
-            if state.phase == Phase.PLAN and sm.phase_complete(state, now):
-                failure = sm.apply_plans_checked(state, now)
-                if failure is not None:
-                    sm.apply_failed(state, failure.reason, now)
-            elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
-                sm.apply_validated(state, now)
-                self._write_final(state)
-            beats = self.redis.heartbeats(state.experiment_id)
-            for action in sm.next_actions(state, now, beats, self.redis.idle_since()):
-                self._perform(state, action, now)
-            changed = state.seq != seq_before
-            self._save(state, journal=changed, fence=fence)
-            if changed:
-                self._maybe_plot(state, now)
-            if not changed:
-                break
+        """Apply every decision due now, then save (and journal) once for the whole pass."""
+        closed_before = state.rounds_closed
+        seq_at_load = state.seq
+        try:
+            for _ in range(8 + 4 * state.options.rounds):  # bounded: each pass moves a step
+                now = self.clock()
+                seq_before = state.seq
+                self._apply_heartbeats(state, now)
+                if state.phase == Phase.PLAN and sm.phase_complete(state, now):
+                    failure = sm.apply_plans_checked(state, now)
+                    if failure is not None:
+                        sm.apply_failed(state, failure.reason, now)
+                elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
+                    sm.apply_validated(state, now)
+                    self._write_final(state)
+                beats = self.redis.heartbeats(state.experiment_id)
+                for action in sm.next_actions(state, now, beats, self.redis.idle_since()):
+                    self._perform(state, action, now)
+                if state.seq == seq_before:
+                    break
+        except LockLost:
+            raise
+        except Exception:
+            # Keep what this pass already did (e.g. a closed round) before failing.
+            self._save(state, state.seq != seq_at_load, fence, closed_before)
+            raise
+        changed = state.seq != seq_at_load
+        self._save(state, journal=changed, fence=fence, closed_before=closed_before)
+        if changed:
+            self._maybe_plot(state, self.clock())
         return state
 
     def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
@@ -365,7 +449,11 @@ class Coordinator:
 
     def _aggregate(self, state: sm.ExperimentState, action: sm.Aggregate, now: float) -> None:
         key = global_weights_key(state.experiment_id, action.round)
-        reports = sorted(action.reports, key=lambda r: state.sites.index(r.site_id))
+        in_order = {r.site_id: i for i, r in enumerate(self._canonical_reports(state))}
+        reports = sorted(
+            action.reports,
+            key=lambda r: (in_order.get(r.site_id, len(in_order)), state.sites.index(r.site_id)),
+        )
         res = self._aggregate_once(state, reports, key)
         result_ref, participants, quarantined = (
             res.global_weights,
@@ -402,6 +490,8 @@ class Coordinator:
             state.sites_status[site].state = "late"
         previous = state.global_weights
         sm.apply_aggregated(state, record, now)
+        with self._folds_lock:
+            self._folds.pop(state.experiment_id, None)
         for r in reports:  # the cache holds one round at a time
             self.store.evict(r.artifact)
         if previous is not None and previous != result_ref:
@@ -432,6 +522,7 @@ class Coordinator:
                     # Round 1's previous global may be a pretrained model of another
                     # task (another head): the sites' architecture decides, not it.
                     previous_defines_model=state.round > 1,
+                    fold=self._round_fold(state),
                 )
             except IntegrityError:
                 existing = self.store.stat(self.global_bucket, key)
@@ -453,21 +544,22 @@ class Coordinator:
     def _write_final(self, state: sm.ExperimentState) -> None:
         if state.global_weights is None:
             return
+        history = self.redis.history(state.experiment_id, 0, state.rounds_closed)
         summary = {
             "experiment_id": state.experiment_id,
             "global_weights": state.global_weights.model_dump(),
             "final_metrics": state.final_metrics,
             "final_missing": state.final_missing,
-            "rounds": [r.model_dump() for r in state.history],
+            "rounds": [r.model_dump() for r in history],
         }
         key = final_summary_key(state.experiment_id)
         self._put_once_json(self.private_bucket, key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
-        if not self.render_plots or not state.history:
+        if not self.render_plots or not state.rounds_closed:
             return
         terminal = state.phase in sm.TERMINAL
-        what = (len(state.history), terminal)
+        what = (state.rounds_closed, terminal)
         last_what, last_at = self._last_plot.get(state.experiment_id, ((0, False), -1e18))
         if what == last_what or (not terminal and now - last_at < self.plot_every_s):
             return
@@ -478,7 +570,14 @@ class Coordinator:
         try:
             from fednnunet.coordinator.plots import render_png
 
-            key = plot_key(state.experiment_id, state.history[-1].round)
+            exp = state.experiment_id
+            # The plot thread keeps the records it read and asks Redis for new rounds only.
+            known = self._plot_history.setdefault(exp, [])
+            known += self.redis.history(exp, len(known), state.rounds_closed)
+            state.history = known[: state.rounds_closed]
+            if state.phase in sm.TERMINAL:
+                self._plot_history.pop(exp, None)
+            key = plot_key(exp, state.rounds_closed)
             if self.store.stat(self.private_bucket, key) is None:
                 self.store.put_bytes(self.private_bucket, key, render_png(state), kind="plot")
         except Exception:  # noqa: BLE001 - a picture must never stop training
@@ -497,41 +596,102 @@ class Coordinator:
     def _load(self, experiment_id: str) -> sm.ExperimentState | None:
         state = self.redis.load(experiment_id)
         if state is None:
-            state = self._latest_journal(experiment_id)
-            if state is not None:
-                _redispatch_unfinished(state)
-                self.redis.save(state)
+            state = self._restore_from_journal(experiment_id)
         return state
 
-    def _save(self, state: sm.ExperimentState, journal: bool, fence: Fence | None) -> None:
-        """Fenced: a holder that lost the lock raises LockLost before writing anything."""
-        self.redis.save(state, fence)
+    def _restore_from_journal(self, experiment_id: str) -> sm.ExperimentState | None:
+        """Redis lost the experiment: its latest snapshot and every round record back.
+
+        The only path that reads every past round (Redis must get them all again).
+        """
+        state = self._latest_journal(experiment_id)
+        if state is None:
+            return None
+        _redispatch_unfinished(state)
+        self.redis.save(state, records=state.history)
+        state.history = []
+        return state
+
+    def _save(
+        self,
+        state: sm.ExperimentState,
+        journal: bool,
+        fence: Fence | None,
+        closed_before: int | None = None,
+    ) -> None:
+        """Fenced: a holder that lost the lock raises LockLost before writing anything.
+
+        The records of rounds closed in this pass go to S3 first (write-once, keyed by
+        round), then with the state into Redis in one atomic, fenced step, then the
+        snapshot: a snapshot never counts a round whose record is not in S3.
+        """
+        closed_before = state.rounds_closed if closed_before is None else closed_before
+        records = self._records_to_s3(state, fence)
+        new_records = [r for r in records if r.round > closed_before]
+        self.redis.save(state, fence, records=new_records)
         if journal:
             if fence is not None:
                 fence.check()
             self._journal(state)
 
-    def _journal(self, state: sm.ExperimentState) -> None:
-        """Snapshot the state to S3, the history as one object per closed round.
-
-        A snapshot without the history stays a few KB however long the experiment runs
-        (with it, 1000 rounds would mean ~1 MB per snapshot and GBs of journal); the
-        round records are immutable, so each is written once, before the snapshot that
-        counts it.
-        """
+    def _records_to_s3(
+        self, state: sm.ExperimentState, fence: Fence | None
+    ) -> list[sm.RoundRecord]:
+        """Write the round records S3 does not hold yet (normally the one just closed);
+        returns them as stored. The state counts how many are known written, so a
+        restarted coordinator checks none of the past rounds again."""
+        if state.history_in_s3 >= state.rounds_closed:
+            return []
+        if fence is not None:
+            fence.check()
         exp = state.experiment_id
-        for record in state.history[self._history_journaled.get(exp, 0) :]:
-            key = history_key(exp, record.round)
-            self._put_once_json(
+        last = state.last_round
+        missing = range(state.history_in_s3 + 1, state.rounds_closed + 1)
+        known = {
+            r.round: r
+            for r in self.redis.history(exp, state.history_in_s3, state.rounds_closed - 1)
+        }
+        if last is not None:
+            known[last.round] = last
+        stored = []
+        for round_ in missing:
+            record = known.get(round_)
+            if record is None:
+                raise FedError(f"round {round_} of {exp} has no record to journal")
+            record = self._put_record(exp, record)
+            if last is not None and record.round == last.round:
+                state.last_round = record
+            stored.append(record)
+        state.history_in_s3 = state.rounds_closed
+        return stored
+
+    def _put_record(self, experiment_id: str, record: sm.RoundRecord) -> sm.RoundRecord:
+        """Write-once: when an earlier pass (e.g. a coordinator killed before its Redis
+        save) already stored this round's record, that one is the record."""
+        key = history_key(experiment_id, record.round)
+        try:
+            self.store.put_json(
                 self.private_bucket, key, record.model_dump(mode="json"), kind="journal"
             )
-        self._history_journaled[exp] = len(state.history)
-        snapshot = state.model_dump(mode="json", exclude={"history"})
-        snapshot[_HISTORY_LEN] = len(state.history)
-        key = journal_key(exp, state.round, state.seq, state.phase)
+            return record
+        except IntegrityError:
+            ref = self.store.stat(self.private_bucket, key)
+            if ref is None:
+                raise
+            return sm.RoundRecord.model_validate(self.store.get_json(ref))
+
+    def _journal(self, state: sm.ExperimentState) -> None:
+        """Snapshot the state to S3 (bounded: the history is one object per round).
+
+        A snapshot stays a few KB however long the experiment runs (with the history,
+        1000 rounds would mean ~1 MB per snapshot and GBs of journal).
+        """
+        snapshot = state.model_dump(mode="json")
+        key = journal_key(state.experiment_id, state.round, state.seq, state.phase)
         self._put_once_json(self.private_bucket, key, snapshot, kind="journal")
 
     def _latest_journal(self, experiment_id: str) -> sm.ExperimentState | None:
+        """The newest snapshot, with ``history`` filled from the S3 round records."""
         keys = self.store.list_keys(self.private_bucket, folder_prefix(experiment_id, JOURNAL))
         if not keys:
             return None
@@ -540,16 +700,20 @@ class Coordinator:
         if ref is None:
             return None
         snapshot = self.store.get_json(ref)
-        history_len = snapshot.pop(_HISTORY_LEN, None)
+        legacy_len = snapshot.pop(_HISTORY_LEN, None)  # snapshots before rounds_closed
         state = sm.ExperimentState.model_validate(snapshot)
-        if history_len:  # else: an older snapshot that still embeds its history
-            state.history = self._journaled_history(experiment_id)[:history_len]
-            if len(state.history) != history_len:
+        if legacy_len and not state.rounds_closed:
+            state.rounds_closed = legacy_len
+        if state.rounds_closed:
+            state.history = self._journaled_history(experiment_id)[: state.rounds_closed]
+            if len(state.history) != state.rounds_closed:
                 raise FedError(
-                    f"journal of {experiment_id} counts {history_len} rounds but S3 holds "
-                    f"{len(state.history)} round records"
+                    f"journal of {experiment_id} counts {state.rounds_closed} rounds but S3 "
+                    f"holds {len(state.history)} round records"
                 )
-        self._history_journaled[experiment_id] = len(state.history)
+            state.last_round = state.history[-1]
+            state.train_started_at = state.history[0].opened_at
+        state.history_in_s3 = state.rounds_closed
         return state
 
     def _journaled_history(self, experiment_id: str) -> list[sm.RoundRecord]:
@@ -576,7 +740,7 @@ class Coordinator:
                 continue
             if state is not None:
                 _redispatch_unfinished(state)
-                self.redis.save(state)
+                self.redis.save(state, records=state.history)
                 restored.append(exp)
                 log.warning(
                     "restored experiment %s from the S3 journal (%s, round %s)",

@@ -64,7 +64,12 @@ class RoundRecord(BaseModel):
 
 
 class ExperimentState(BaseModel):
-    """Everything needed to resume an experiment; stored in Redis, journaled in S3."""
+    """Everything needed to resume an experiment; stored in Redis, journaled in S3.
+
+    Bounded in size whatever the round number: the round history is not part of it
+    (one Redis hash entry and one S3 object per closed round); it keeps the count of
+    closed rounds and the last round's record.
+    """
 
     experiment_id: str
     sites: list[str]
@@ -82,7 +87,16 @@ class ExperimentState(BaseModel):
     # experiment (a round report claiming another count is refused).
     declared_cases: dict[str, int] = Field(default_factory=dict)
     global_weights: ArtifactRef | None = None
-    history: list[RoundRecord] = Field(default_factory=list)
+    # Rounds closed so far (records 1..rounds_closed live in the round history), the
+    # newest record, and when round 1 opened (for the ETA without reading the history).
+    rounds_closed: int = 0
+    last_round: RoundRecord | None = None
+    train_started_at: float | None = None
+    # Round records 1..history_in_s3 are known to be written to S3 (no re-check needed).
+    history_in_s3: int = 0
+    # Read side only, never saved with the state: filled by
+    # RedisState.load(..., with_history=True) for reports, tests and plots.
+    history: list[RoundRecord] = Field(default_factory=list, exclude=True)
     final_metrics: dict[str, Metrics] = Field(default_factory=dict)
     # Site -> metric -> why it has no value (e.g. nnU-Net's NaN Dice for an absent label).
     final_missing: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -308,7 +322,10 @@ def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) ->
     if state.phase != Phase.TRAIN or record.round != state.round:
         return
     record.closed_at = now
-    state.history.append(record)
+    state.last_round = record
+    state.rounds_closed = record.round
+    if state.train_started_at is None or record.round == 1:
+        state.train_started_at = record.opened_at
     state.global_weights = record.global_weights
     if state.round < state.options.rounds:
         _open_phase(state, Phase.TRAIN, state.round + 1, now)

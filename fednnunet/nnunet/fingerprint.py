@@ -10,7 +10,7 @@ Site policy (environment, read at extraction): ``FEDNNUNET_MIN_CASES`` (default 
 with fewer training cases refuses to send statistics; ``FEDNNUNET_FINGERPRINT_NOISE``
 (default 0) - Laplace noise scale (in cases) on every geometry sketch mass. Intensity
 histograms are not noised: their masses are fractions of a case per bucket over thousands
-of buckets, so noise in case units swamps them (bench/b7_fingerprint_noise.py).
+of buckets, so noise in case units swamps them (bench/b8_fingerprint_noise.py).
 
 Each case is read and cropped exactly as nnU-Net's ``DatasetFingerprintExtractor`` does
 (same reader/writer, ``crop_to_nonzero``, foreground = label > 0), but all foreground

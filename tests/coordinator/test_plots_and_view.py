@@ -26,18 +26,16 @@ def _state_with_rounds(n: int = 3) -> sm.ExperimentState:
             site: {"train_loss": 1.0 / (r + i), "pseudo_dice": 0.2 * r + 0.01 * i}
             for i, site in enumerate(s.sites)
         }
-        sm.apply_aggregated(
-            s,
-            sm.RoundRecord(
-                round=r,
-                participants=list(s.sites),
-                global_weights=REF,
-                metrics=metrics,
-                num_cases={"901": 4, "902": 8, "903": 4},
-                opened_at=float(r),
-            ),
-            float(r + 1),
+        record = sm.RoundRecord(
+            round=r,
+            participants=list(s.sites),
+            global_weights=REF,
+            metrics=metrics,
+            num_cases={"901": 4, "902": 8, "903": 4},
+            opened_at=float(r),
         )
+        sm.apply_aggregated(s, record, float(r + 1))
+        s.history.append(record)  # the read side: what RedisState.load(with_history) gives
     return s
 
 

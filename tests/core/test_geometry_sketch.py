@@ -171,7 +171,7 @@ def test_case_cap_is_configurable() -> None:
 
 
 def test_small_noise_passes_the_schema_and_leaves_planner_inputs_unchanged() -> None:
-    """bench/b7: Laplace scale 0.05 (cases) on geometry masses left the plans unchanged."""
+    """bench/b8 (P-noise): Laplace scale 0.05 (cases) on geometry masses left plans unchanged."""
     from fednnunet.core.geometry_sketch import summarize_geometry
 
     rng = np.random.default_rng(11)

@@ -243,7 +243,8 @@ def drive(
         if on_poll is not None:
             on_poll(state)
         if state is not None and state.phase in TERMINAL:
-            return Run(state, time.monotonic() - t0)
+            full = redis_state.load(spec.experiment_id, with_history=True)
+            return Run(full or state, time.monotonic() - t0)
         fed.check_alive()
         if time.monotonic() - t0 > timeout_s:
             phase = state.phase if state else "not started"

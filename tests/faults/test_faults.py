@@ -446,7 +446,7 @@ def test_ten_experiments_at_once_share_the_sites_without_cross_talk(iso, unique_
         wall = time.monotonic() - t0
     finals = []
     for spec in specs:
-        state = redis_state.load(spec.experiment_id)
+        state = redis_state.load(spec.experiment_id, with_history=True)
         final = check_history(iso, state, list(sites))
         assert all(sorted(r.participants) == sorted(sites) for r in state.history)
         # Each experiment's result is its own federation's (seeds differ per experiment).

@@ -237,7 +237,7 @@ def test_site_link_cut_misses_rounds_then_rejoins(lab):
         try:
             while time.monotonic() - t0 < 80:
                 fed.check_alive()
-                state = redis_state.load(spec.experiment_id)
+                state = redis_state.load(spec.experiment_id, with_history=True)
                 if state is not None:
                     if "cut" not in events and state.history:
                         net.cut("b")  # round 1 closed with both sites: pull b's cable

@@ -1,4 +1,5 @@
-"""B7: how much noise on fingerprint sketch masses (``FEDNNUNET_FINGERPRINT_NOISE``) leaves
+"""B8 (P-noise): how much noise on fingerprint sketch masses
+(``FEDNNUNET_FINGERPRINT_NOISE``) leaves
 the plans unchanged.
 
 nnU-Net's planner reads from the merged fingerprint only the aggregates in
@@ -14,7 +15,7 @@ Federations (per-case geometry only, no images: fast, pure): the 3 demo sites (8
 each), the anisotropic one (5 mm site), and a larger one (3 x 40 cases, 2 protocols per
 site). Laplace scale in cases, per bucket; 40 trials per scale.
 
-Run: ``.venv/bin/python -m bench.b7_fingerprint_noise`` (about a minute on 2 cores).
+Run: ``.venv/bin/python -m bench.b8_fingerprint_noise`` (about a minute on 2 cores).
 """
 
 from __future__ import annotations

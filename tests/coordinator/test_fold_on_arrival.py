@@ -1,0 +1,188 @@
+"""Aggregation off the critical path: each update is screened and folded into the running
+FedAvg as its report arrives (real Redis and S3). The folded global equals the
+case-weighted mean computed here independently; an update screened out late (median-norm
+outlier) leaves the right result; a coordinator killed mid-round is replaced by one that
+writes the very same global object."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fednnunet.adapters.redis_state import RedisState
+from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights, read_header
+from fednnunet.coordinator.aggregator import RoundFold, aggregate_round
+from fednnunet.coordinator.service import Coordinator
+from fednnunet.core import state_machine as sm
+from fednnunet.keys import global_bucket, site_artifact_key, site_bucket
+from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport
+
+pytestmark = pytest.mark.integration
+SITES = ("a", "b", "c", "d")
+CASES = {"a": 3, "b": 5, "c": 7, "d": 2}
+
+
+def _update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=gen) * scale,
+        "conv.bias": torch.randn(8, generator=gen) * scale,
+        "steps": torch.tensor([seed], dtype=torch.int64),
+    }
+
+
+def _independent_mean(updates: dict[str, dict], cases: dict[str, int]) -> dict[str, torch.Tensor]:
+    """sum_i n_i x_i / sum_i n_i in float64, layer by layer (not the product's code)."""
+    total = sum(cases[s] for s in updates)
+    out = {}
+    for name in ("conv.weight", "conv.bias"):
+        acc = torch.zeros_like(next(iter(updates.values()))[name], dtype=torch.float64)
+        for site, tensors in updates.items():
+            acc += tensors[name].double() * cases[site]
+        out[name] = acc / total
+    return out
+
+
+def _report(exp: str, site: str, round_: int, ref: ArtifactRef) -> SiteReport:
+    return SiteReport(
+        experiment_id=exp,
+        site_id=site,
+        phase="train",
+        round=round_,
+        ok=True,
+        artifact=ref,
+        num_cases=CASES[site],
+    )
+
+
+@pytest.fixture
+def s3(stack, unique_id, tmp_path):
+    settings = stack.model_copy(update={"bucket_prefix": unique_id("fedtest-fold")})
+    store = ArtifactStore(settings, cache_dir=tmp_path / "cache", retry_total_s=5)
+    buckets = [global_bucket(settings.bucket_prefix)] + [
+        site_bucket(settings.bucket_prefix, s) for s in SITES
+    ]
+    for bucket in buckets:
+        store.ensure_bucket(bucket)
+    yield settings, store
+    from minio.deleteobjects import DeleteObject
+
+    for bucket in buckets:
+        keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
+        list(store.client.remove_objects(bucket, keys))
+        store.client.remove_bucket(bucket)
+
+
+def test_fold_on_arrival_equals_the_case_weighted_mean_and_drops_a_late_outlier(s3):
+    settings, store = s3
+    bucket = global_bucket(settings.bucket_prefix)
+    previous = store.put_bytes(bucket, "f/global1", encode_weights(_update(0, 100.0)), cache=True)
+    updates = {s: _update(i + 1) for i, s in enumerate("abc")}
+    # d: within 100x the previous global's norm (passes on arrival), but more than 100x
+    # the round's median: only the last check, over all norms, refuses it.
+    updates_d = _update(9, 500.0)
+    refs = {s: store.put_bytes(bucket, f"f/{s}", encode_weights(t)) for s, t in updates.items()}
+    refs["d"] = store.put_bytes(bucket, "f/d", encode_weights(updates_d))
+    reports = [_report("f", s, 2, refs[s]) for s in SITES]
+
+    fold = RoundFold(store, previous, exact=True)
+    for i in range(1, len(reports) + 1):  # as the reports arrive: d is folded too
+        fold.fold(store, [(r, CASES[r.site_id]) for r in reports[:i]])
+    assert fold.folded_sites == list(SITES)
+
+    result = aggregate_round(
+        store, reports, bucket, "f/global2", previous, cases=CASES, min_participants=2, fold=fold
+    )
+    assert result.participants == ["a", "b", "c"]
+    assert set(result.quarantined) == {"d"} and "median" in result.quarantined["d"]
+    assert fold.folded_sites == ["a", "b", "c"]  # rebuilt without d, in the same order
+    merged = decode_weights(store.get_bytes(result.global_weights))
+    expected = _independent_mean(updates, CASES)
+    for name, value in expected.items():
+        assert merged[name].dtype == torch.float32
+        assert torch.allclose(merged[name].double(), value, rtol=1e-6, atol=1e-6), name
+    assert torch.equal(merged["steps"], updates["a"]["steps"])  # counters: the first's
+    assert result.weights == pytest.approx({s: CASES[s] / 15 for s in "abc"})
+
+    # The batch path (no fold) over the same reports in the same order: the same global.
+    batch = aggregate_round(
+        store, reports, bucket, "f/global2-batch", previous, cases=CASES, min_participants=2
+    )
+    _assert_same_global(store, batch.global_weights, result.global_weights)
+
+
+def _assert_same_global(store: ArtifactStore, one: ArtifactRef, other: ArtifactRef) -> None:
+    """Bit for bit the same tensors and metadata (safetensors orders its metadata map
+    differently from one encoding to the next, so the object hashes may differ)."""
+    first, second = (decode_weights(store.get_bytes(ref)) for ref in (one, other))
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert value.dtype == second[name].dtype and torch.equal(value, second[name]), name
+    headers = [read_header(store.get_file(ref)) for ref in (one, other)]
+    assert headers[0].metadata == headers[1].metadata
+
+
+def _round2_state(exp: str, global_ref: ArtifactRef) -> sm.ExperimentState:
+    now = time.time()
+    options = ExperimentOptions(configuration="2d", method="asym", rounds=3, quorum=3)
+    state = sm.new_experiment(exp, list(SITES[:3]), options, now)
+    sm.apply_plans_checked(state, now)
+    state.declared_cases = {s: CASES[s] for s in SITES[:3]}
+    record = sm.RoundRecord(round=1, participants=list(SITES[:3]), global_weights=global_ref)
+    sm.apply_aggregated(state, record, now)
+    return state
+
+
+def _run_round(settings, store_dir, exp: str, crash_after: int | None) -> ArtifactRef:
+    """Round 2 of ``exp``: reports a, b, c arrive; with ``crash_after`` the coordinator
+    that took the first reports is dropped (killed) and a new one takes the rest."""
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+
+    def coordinator(name: str) -> Coordinator:
+        store = ArtifactStore(settings, cache_dir=store_dir / name, retry_total_s=5)
+        return Coordinator(settings, redis, store, send_task=lambda task: None, render_plots=False)
+
+    first = coordinator(f"{exp}-1")
+    store = first.store
+    bucket = global_bucket(settings.bucket_prefix)
+    g1 = store.put_bytes(bucket, f"{exp}/train/r00001/global/weights.safetensors",
+                         encode_weights(_update(0, 10.0)))  # fmt: skip
+    assert redis.create(_round2_state(exp, g1))
+    reports = []
+    for i, site in enumerate(SITES[:3]):
+        key = site_artifact_key(exp, "train", 2, site)
+        ref = store.put_bytes(site_bucket(settings.bucket_prefix, site), key,
+                              encode_weights(_update(i + 1)))  # fmt: skip
+        reports.append(_report(exp, site, 2, ref))
+    active = first
+    for i, report in enumerate(reports):
+        if crash_after is not None and i == crash_after:
+            assert first._folds[exp].folded_sites == [r.site_id for r in reports[:i]]
+            active = coordinator(f"{exp}-2")  # a new process: no fold, empty cache
+        elif i == len(reports) - 1:
+            # Before the last report the others are folded already: only the last
+            # update, finalisation and the global PUT remain.
+            assert active._folds[exp].folded_sites == [r.site_id for r in reports[:i]]
+        active.on_report(report)
+    state = redis.load(exp)
+    assert state.round == 3 and state.rounds_closed == 2, (state.phase, state.error)
+    assert state.last_round.participants == list(SITES[:3])
+    return state.global_weights
+
+
+def test_a_coordinator_killed_mid_round_is_replaced_with_the_same_global(s3, unique_id, tmp_path):
+    settings, store = s3
+    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+    whole = _run_round(settings, tmp_path, unique_id("fold-whole-"), crash_after=None)
+    crashed = _run_round(settings, tmp_path, unique_id("fold-crash-"), crash_after=2)
+    _assert_same_global(store, crashed, whole)  # bit for bit the same global
+    merged = decode_weights(store.get_bytes(crashed))
+    expected = _independent_mean({s: _update(i + 1) for i, s in enumerate("abc")}, CASES)
+    for name, value in expected.items():
+        assert torch.allclose(merged[name].double(), value, rtol=1e-6, atol=1e-6), name
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    for key in redis.r.scan_iter(f"{redis.ns}:*"):
+        redis.r.delete(key)
