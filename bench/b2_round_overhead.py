@@ -124,6 +124,26 @@ def s3_server_pid() -> int | None:
     return pid if Path(f"/proc/{pid}").exists() else None
 
 
+def _floor_client(settings):  # noqa: ANN001, ANN202
+    """A bare minio client. urllib3 sends a request body under the *connect* timeout;
+    on a loaded machine a 125 MB PUT can stall longer than 5 s, so the floor's clients
+    wait as long for a send as for a read (a timed-out floor measures nothing)."""
+    import urllib3
+    from minio import Minio
+
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=120.0, read=120.0), retries=False, maxsize=16
+    )
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        http_client=http,
+    )
+
+
 def s3_floor(model: str, repeats: int = 5) -> dict:
     """The object traffic of one round with bare S3 calls, no fednnunet: its critical path.
 
@@ -143,7 +163,7 @@ def s3_floor(model: str, repeats: int = 5) -> dict:
 
     settings = get_settings()
     data = encode_weights(build_state(model, 0))
-    clients = [ArtifactStore(settings).client for _ in range(NUM_SITES + 1)]
+    clients = [_floor_client(settings) for _ in range(NUM_SITES + 1)]
     bucket = global_bucket(settings.bucket_prefix)
     prefix = f"b2-floor-{secrets.token_hex(3)}/"
     stages: dict[str, list[float]] = {"site PUTs": [], "coord GETs": [], "global PUT": [],
