@@ -139,7 +139,7 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
             import fednnunet.nnunet.fingerprint
             import fednnunet.nnunet.planning
             import fednnunet.nnunet.session  # noqa: F401
-            from fednnunet.nnunet.inline_pool import import_nnunet
+            from fednnunet.nnunet.compat import import_nnunet
 
             import_nnunet()
         # Idle beats from the start: a task lost before its first heartbeat is re-sent.

@@ -38,13 +38,7 @@ from fednnunet.core.fingerprint_merge import (
 from fednnunet.core.fingerprint_schema import validate_summary
 from fednnunet.core.geometry_sketch import GEOMETRY_SKETCH, summarize_geometry
 from fednnunet.errors import DatasetError
-from fednnunet.nnunet.env import temporary_env
-from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
-
-
-def nnunet_env(raw_root: Path | None, preprocessed_root: Path | None):
-    """Point nnU-Net at explicit folders for the duration (nnunetv2 2.8 reads env lazily)."""
-    return temporary_env(nnUNet_raw=raw_root, nnUNet_preprocessed=preprocessed_root)
+from fednnunet.nnunet.compat import POOL_MIN_CASES, inline_pools, nnunet_env
 
 
 def summarize_case(

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.errors import DatasetError
-from fednnunet.nnunet.inline_pool import POOL_MIN_CASES, inline_pools
+from fednnunet.nnunet.compat import (
+    POOL_MIN_CASES,
+    crossval_split,
+    dataset_identifiers,
+    inline_pools,
+)
 from fednnunet.settings import require_nnunet_paths, resolve_under
 
 # Plans fields that differ between sites planned from the same fingerprint. Measured on
@@ -226,15 +231,12 @@ def training_case_count(
     the folds of ``splits_final.json``, which is written here exactly as do_split would
     (seeded 5-fold split of the sorted identifiers) so that the trainer reads the same.
     """
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-
     paths = require_nnunet_paths("nnUNet_preprocessed")
     pp_folder = paths["nnUNet_preprocessed"] / _dataset_name(dataset_id)
     plans = json.loads(resolve_under(pp_folder, f"{plans_identifier}.json").read_text())
     data_id = plans["configurations"][configuration]["data_identifier"]
     data_folder = resolve_under(pp_folder, data_id)
-    identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    identifiers = dataset_identifiers(data_folder)
     if fold == "all" or len(identifiers) < 5:
         # Too few cases for nnU-Net's 5-fold split (its trainer refuses such a fold):
         # the weight is the whole cohort.
@@ -243,7 +245,7 @@ def training_case_count(
     if splits_file.is_file():
         splits = json.loads(splits_file.read_text())
     else:
-        splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
+        splits = crossval_split(identifiers)
         _write_json_atomic(splits_file, splits)
     fold = int(fold)
     if fold < len(splits):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from fednnunet.errors import FedError
+from fednnunet.nnunet.compat import CHECKPOINT_WEIGHTS
 
 # Prefixes nnU-Net's own load_pretrained_weights strips (torch.compile, DDP).
 _PREFIXES = ("_orig_mod.", "module.")
@@ -32,7 +33,7 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
         raise FedError(f"pretrained weights {path}: not a loadable checkpoint ({exc})") from None
-    weights = ckpt.get("network_weights", ckpt) if isinstance(ckpt, dict) else None
+    weights = ckpt.get(CHECKPOINT_WEIGHTS, ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(weights, dict) or not weights or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
     ):

@@ -11,12 +11,11 @@ with the trainer's own hooks in ``run_training``'s order. Results land in the no
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +24,22 @@ import torch
 
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.messages import ExperimentOptions
-from fednnunet.nnunet.env import temporary_env
+from fednnunet.nnunet import compat
 from fednnunet.settings import require_nnunet_paths, resolve_under
 
 SIDECAR_NAME = "fednnunet_round.json"
-# nnU-Net writes checkpoint_latest.pth every ``save_every`` epochs on its own; a mid-round
-# checkpoint would no longer match the round recorded in the sidecar, so only rounds write it.
-_NEVER = 10**9
-
-
-@contextlib.contextmanager
-def _nnunet_default_processes(n: int | None) -> Iterator[None]:
-    """Temporarily change the process count the trainer module bound at import."""
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
-
-    old = trainer_module.default_num_processes
-    if n is not None:
-        trainer_module.default_num_processes = max(1, int(n))
-    try:
-        yield
-    finally:
-        trainer_module.default_num_processes = old
 
 
 def resolve_trainer_class(name: str) -> type:
     """The nnU-Net trainer class of that name; refused (never retried) unless it is
-    nnUNetTrainer or a subclass. nnU-Net's lookup returns *any* attribute of its trainer
-    modules by that name (2.8.1 then fails its own issubclass check with a TypeError)."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
+    nnUNetTrainer or a subclass (nnU-Net's lookup returns *any* attribute by that name)."""
     try:
-        cls = recursive_find_trainer_class_by_name(name)
-    except (RuntimeError, AssertionError, TypeError) as exc:
+        cls = compat.resolve_trainer_class(name)
+    except LookupError as exc:
         raise PolicyRefusal(f"trainer {name!r} is not an nnU-Net trainer class: {exc}") from None
-    if not is_nnunet_trainer(cls):
+    if not compat.is_nnunet_trainer(cls):
         raise PolicyRefusal(f"trainer {name!r} is not a subclass of nnUNetTrainer")
     return cls
-
-
-def is_nnunet_trainer(obj: object) -> bool:
-    """True for nnUNetTrainer and its subclasses only (not functions, modules, ...)."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    return isinstance(obj, type) and issubclass(obj, nnUNetTrainer)
 
 
 def _parse_fold(fold: int | str) -> int | str:
@@ -77,6 +49,46 @@ def _parse_fold(fold: int | str) -> int | str:
         return int(fold)
     except (TypeError, ValueError) as exc:
         raise FedError(f"fold must be an integer or 'all', got {fold!r}") from exc
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FedError(f"device {device!r} requested but CUDA is not available here")
+
+
+def _load_plans(dataset_id: int, options: ExperimentOptions) -> tuple[dict, dict, str]:
+    """(plans, dataset.json, dataset name) of the planned, preprocessed local dataset."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    preprocessed = require_nnunet_paths("nnUNet_preprocessed")["nnUNet_preprocessed"]
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_id)
+    except (RuntimeError, AssertionError) as exc:
+        raise DatasetError(f"dataset {dataset_id}: {exc}") from exc
+    pp_base = preprocessed / dataset_name
+    plans_file = resolve_under(pp_base, f"{options.plans_identifier}.json")
+    if not plans_file.is_file():
+        raise FedError(f"{plans_file} missing: run planning/preprocessing first")
+    plans = json.loads(plans_file.read_text())
+    if options.configuration not in plans["configurations"]:
+        raise FedError(
+            f"configuration {options.configuration!r} not in {plans_file.name} "
+            f"(available: {', '.join(plans['configurations'])})"
+        )
+    return plans, json.loads((pp_base / "dataset.json").read_text()), dataset_name
+
+
+def _fold_folder(
+    dataset_name: str, trainer_cls: type, plans: dict, options: ExperimentOptions
+) -> Path:
+    """The folder nnU-Net derives in nnUNetTrainer.__init__ (checked once it is built)."""
+    results = require_nnunet_paths("nnUNet_results")["nnUNet_results"]
+    return (
+        results
+        / dataset_name
+        / f"{trainer_cls.__name__}__{plans['plans_name']}__{options.configuration}"
+        / f"fold_{_parse_fold(options.fold)}"
+    )
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -114,42 +126,47 @@ class FederatedTrainingSession:
         the data loaders are built (0: augmentation in this process). ``torch_threads``
         caps intra-op threads so that several sites on one machine do not oversubscribe it.
         """
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-        paths = require_nnunet_paths("nnUNet_preprocessed", "nnUNet_results")
-        configuration, device, seed = options.configuration, options.device, options.seed
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise FedError(f"device {device!r} requested but CUDA is not available here")
+        compat.require_tested_nnunet()
+        _check_device(options.device)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.export_npz = options.export_npz
         self.run_id = run_id
-        fold = _parse_fold(options.fold)
-        try:
-            dataset_name = maybe_convert_to_dataset_name(dataset_id)
-        except (RuntimeError, AssertionError) as exc:
-            raise DatasetError(f"dataset {dataset_id}: {exc}") from exc
-        pp_base = paths["nnUNet_preprocessed"] / dataset_name
-        plans_file = resolve_under(pp_base, f"{options.plans_identifier}.json")
-        if not plans_file.is_file():
-            raise FedError(f"{plans_file} missing: run planning/preprocessing first")
-        plans = json.loads(plans_file.read_text())
-        dataset_json = json.loads((pp_base / "dataset.json").read_text())
-        if configuration not in plans["configurations"]:
-            raise FedError(
-                f"configuration {configuration!r} not in {plans_file.name} "
-                f"(available: {', '.join(plans['configurations'])})"
-            )
+        plans, dataset_json, dataset_name = _load_plans(dataset_id, options)
         trainer_cls = resolve_trainer_class(options.trainer)
-
-        # Same folder nnU-Net derives in nnUNetTrainer.__init__ (checked below).
-        fold_dir = (
-            paths["nnUNet_results"]
-            / dataset_name
-            / f"{trainer_cls.__name__}__{plans['plans_name']}__{configuration}"
-            / f"fold_{fold}"
-        )
+        fold_dir = _fold_folder(dataset_name, trainer_cls, plans, options)
         self._sidecar_path = fold_dir / SIDECAR_NAME
+        sidecar, resume_from = self._resume_point(fold_dir)
+        self.trainer = compat.new_trainer(
+            trainer_cls,
+            plans,
+            options.configuration,
+            _parse_fold(options.fold),
+            dataset_json,
+            options.device,
+            continue_training=resume_from is not None,
+        )
+        if Path(self.trainer.output_folder) != fold_dir:
+            raise FedError(f"unexpected nnU-Net output folder {self.trainer.output_folder}")
+        compat.set_schedule(
+            self.trainer,
+            total_epochs=options.rounds * options.local_epochs,
+            iterations_per_epoch=options.iterations_per_epoch,
+            val_iterations_per_epoch=options.val_iterations_per_epoch,
+        )
+        self._completed_round = int(sidecar["round"]) if sidecar else 0
+        self._finished = bool(sidecar and sidecar.get("finished"))
+        self._closed = False
+        self._initialize(options.seed, compile_network, resume_from, sidecar)
+        if not self._finished:
+            da = None if da_processes is None else str(da_processes)
+            with compat.temporary_env(nnUNet_n_proc_DA=da):
+                self.trainer.on_train_start()
+        tr_keys, _ = self.trainer.do_split()
+        self._num_training_cases = len(tr_keys)
+
+    def _resume_point(self, fold_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+        """This run's sidecar and the checkpoint to resume from (neither: a fresh start)."""
         sidecar = self._read_sidecar()
         resume_from = None
         if sidecar is not None:
@@ -160,51 +177,35 @@ class FederatedTrainingSession:
         if resume_from is None:
             self._sidecar_path.unlink(missing_ok=True)
             sidecar = None
+        return sidecar, resume_from
 
-        plans_copy = copy.deepcopy(plans)  # nnU-Net 2.8.1 pops continue_training from it
-        plans_copy["continue_training"] = resume_from is not None
-        trainer = trainer_cls(
-            plans=plans_copy,
-            configuration=configuration,
-            fold=fold,
-            dataset_json=dataset_json,
-            device=torch.device(device),
-        )
-        if Path(trainer.output_folder) != fold_dir:
-            raise FedError(f"unexpected nnU-Net output folder {trainer.output_folder}")
-        trainer.num_epochs = options.rounds * options.local_epochs
-        trainer.num_iterations_per_epoch = options.iterations_per_epoch
-        trainer.num_val_iterations_per_epoch = options.val_iterations_per_epoch
-        trainer.save_every = _NEVER
-        self.trainer = trainer
-        self._completed_round = int(sidecar["round"]) if sidecar else 0
-        self._finished = bool(sidecar and sidecar.get("finished"))
-        self._closed = False
-
-        compile_flag = "t" if compile_network else "f"
-        da = None if da_processes is None else str(da_processes)
-        with temporary_env(nnUNet_compile=compile_flag):
-            # Seed right before the network is built: equal plans + seed -> equal init weights.
+    def _initialize(
+        self,
+        seed: int,
+        compile_network: bool,
+        resume_from: Path | None,
+        sidecar: dict[str, Any] | None,
+    ) -> None:
+        """Build network and optimizer (seeded: equal plans + seed -> equal initial
+        weights at every site), then load the checkpoint to resume from, if any."""
+        trainer = self.trainer
+        with compat.temporary_env(nnUNet_compile="t" if compile_network else "f"):
             torch.manual_seed(seed)
             np.random.seed(seed)
             random.seed(seed)
             trainer.initialize()
-            if resume_from is not None:
-                # Local file written by this worker; nnU-Net 2.8.1 loads it with
-                # weights_only=False (its dict argument path is broken), as `--c` does.
-                trainer.load_checkpoint(str(resume_from))
-                if sidecar and int(sidecar.get("epoch", trainer.current_epoch)) != (
-                    trainer.current_epoch
-                ):
-                    trainer.print_to_log_file(
-                        f"fednnunet: checkpoint epoch {trainer.current_epoch} != sidecar "
-                        f"epoch {sidecar.get('epoch')}; continuing from the checkpoint"
-                    )
-            if not self._finished:
-                with temporary_env(nnUNet_n_proc_DA=da):
-                    trainer.on_train_start()
-        tr_keys, _ = trainer.do_split()
-        self._num_training_cases = len(tr_keys)
+            if resume_from is None:
+                return
+            # Local file written by this worker; nnU-Net 2.8.1 loads it with
+            # weights_only=False (its dict argument path is broken), as `--c` does.
+            trainer.load_checkpoint(str(resume_from))
+            if sidecar and int(sidecar.get("epoch", trainer.current_epoch)) != (
+                trainer.current_epoch
+            ):
+                trainer.print_to_log_file(
+                    f"fednnunet: checkpoint epoch {trainer.current_epoch} != sidecar "
+                    f"epoch {sidecar.get('epoch')}; continuing from the checkpoint"
+                )
 
     # ---- introspection -------------------------------------------------------------------
 
@@ -229,14 +230,7 @@ class FederatedTrainingSession:
         return self._completed_round
 
     def _network(self) -> torch.nn.Module:
-        from torch._dynamo import OptimizedModule
-
-        net = self.trainer.network
-        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-            net = net.module
-        if isinstance(net, OptimizedModule):
-            net = net._orig_mod
-        return net
+        return compat.network_module(self.trainer)
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -301,39 +295,14 @@ class FederatedTrainingSession:
                 f"{t.num_epochs} (nnU-Net's poly LR schedule ends there)"
             )
         for _ in range(n):
-            epoch = t.current_epoch
-            t.on_epoch_start()
-            t.on_train_epoch_start()
-            train_outputs = []
-            for i in range(t.num_iterations_per_epoch):
-                train_outputs.append(t.train_step(next(t.dataloader_train)))
-                if on_iteration is not None:
-                    on_iteration(epoch, i + 1, t.num_iterations_per_epoch)
-            t.on_train_epoch_end(train_outputs)
-            with torch.no_grad():
-                t.on_validation_epoch_start()
-                val_outputs = [
-                    t.validation_step(next(t.dataloader_val))
-                    for _ in range(t.num_val_iterations_per_epoch)
-                ]
-                t.on_validation_epoch_end(val_outputs)
-            t.on_epoch_end()
+            compat.run_epoch(t, on_iteration)
         return self.last_metrics()
 
     def last_metrics(self) -> dict[str, float]:
-        log = self.trainer.logger
-        if not log.get_value("train_losses", step=None):
+        logged = compat.logged_metrics(self.trainer)
+        if logged is None:
             return {"epoch": float(self.current_epoch)}
-        return _finite(
-            {
-                "train_loss": log.get_value("train_losses", step=-1),
-                "val_loss": log.get_value("val_losses", step=-1),
-                "pseudo_dice": log.get_value("mean_fg_dice", step=-1),
-                "ema_pseudo_dice": log.get_value("ema_fg_dice", step=-1),
-                "epoch": self.current_epoch,
-                "lr": log.get_value("lrs", step=-1),
-            }
-        )
+        return _finite({**logged, "epoch": self.current_epoch})
 
     # ---- checkpoints ---------------------------------------------------------------------
 
@@ -364,13 +333,7 @@ class FederatedTrainingSession:
             raise FedError("checkpointing is disabled: cannot record a completed round")
         final = self.output_folder / "checkpoint_latest.pth"
         tmp = self.output_folder / "checkpoint_latest.pth.tmp"
-        # nnU-Net stores current_epoch + 1 (it saves inside on_epoch_end, before the
-        # increment); step back like on_train_end does so a resume continues at the next epoch.
-        t.current_epoch -= 1
-        try:
-            t.save_checkpoint(str(tmp))
-        finally:
-            t.current_epoch += 1
+        compat.save_checkpoint_between_epochs(t, tmp)
         os.replace(tmp, final)
         self._completed_round = int(round_)
         self._write_sidecar()
@@ -396,7 +359,7 @@ class FederatedTrainingSession:
             "fold_folder": str(t.output_folder),
         }
         if run_validation:
-            with _nnunet_default_processes(validation_processes):
+            with compat.default_processes(validation_processes):
                 t.perform_actual_validation(self.export_npz)
             summary = json.loads((self.output_folder / "validation" / "summary.json").read_text())
             result["dice_per_class"] = {
@@ -410,11 +373,7 @@ class FederatedTrainingSession:
         if self._closed:
             return
         self._closed = True
-        for dl in (self.trainer.dataloader_train, self.trainer.dataloader_val):
-            finish = getattr(dl, "_finish", None)
-            if finish is not None:
-                with contextlib.suppress(Exception):
-                    finish()
+        compat.stop_data_loaders(self.trainer)
 
     def __enter__(self) -> FederatedTrainingSession:
         return self

@@ -17,8 +17,8 @@ from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import decode_weights
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.nnunet.demo_data import make_demo_dataset, make_demo_federation
-from fednnunet.nnunet.env import make_nnunet_dirs
 from fednnunet.spec import parse_spec
+from tests.support.nnunet_dirs import make_nnunet_dirs
 
 pytestmark = [pytest.mark.integration, pytest.mark.nnunet]
 # Unique site ids per test run: queues are per site, and another federation (a demo,

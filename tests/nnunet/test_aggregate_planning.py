@@ -22,9 +22,9 @@ from fednnunet.core.fingerprint_merge import DEFAULT_SKETCH, merge_fingerprint_s
 from fednnunet.core.fingerprint_schema import SCHEMA
 from fednnunet.core.geometry_sketch import GEOMETRY_SKETCH, summarize_geometry
 from fednnunet.errors import DatasetError
+from fednnunet.nnunet.compat import inline_pools, nnunet_env
 from fednnunet.nnunet.demo_data import make_demo_dataset
-from fednnunet.nnunet.fingerprint import extract_site_fingerprint, nnunet_env
-from fednnunet.nnunet.inline_pool import inline_pools
+from fednnunet.nnunet.fingerprint import extract_site_fingerprint
 
 pytestmark = pytest.mark.nnunet
 

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 
 from fednnunet.core.fingerprint_merge import merge_fingerprint_summaries, naive_average_fingerprint
+from fednnunet.nnunet.compat import nnunet_env
 from fednnunet.nnunet.demo_data import make_demo_dataset
-from fednnunet.nnunet.fingerprint import extract_site_fingerprint, nnunet_env
+from fednnunet.nnunet.fingerprint import extract_site_fingerprint
 from tests.nnunet.test_aggregate_planning import assert_no_case_rows, assert_plans_equal, plan_with
 
 pytestmark = pytest.mark.nnunet

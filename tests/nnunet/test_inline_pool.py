@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fednnunet.nnunet.compat import InlinePool, inline_pools
 from fednnunet.nnunet.demo_data import make_demo_federation
-from fednnunet.nnunet.inline_pool import InlinePool, inline_pools
 from fednnunet.nnunet.planning import plan_and_preprocess
 
 

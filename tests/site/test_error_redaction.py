@@ -10,8 +10,8 @@ from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.core.redaction import redact_error
 from fednnunet.messages import ExperimentOptions, SiteTask
 from fednnunet.nnunet.demo_data import make_demo_federation
-from fednnunet.nnunet.env import make_nnunet_dirs
 from fednnunet.site.service import SiteService
+from tests.support.nnunet_dirs import make_nnunet_dirs
 
 
 @pytest.mark.parametrize(
