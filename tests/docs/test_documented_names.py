@@ -3,12 +3,14 @@
 Every ``fednnunet ...`` command line in a code span or block of the documents below is
 walked through the typer app (command, sub-command, long options of the command), and
 every ``FEDNNUNET_*`` variable must be a ``Settings`` field or be read by a script or
-module of the repository. A renamed command or setting then fails here, not in the
-hands of the next reader.
+module of the repository; every repository file, ``python -m`` module (and its
+sub-command) and script option they cite must exist. A renamed command, setting, file
+or option then fails here, not in the hands of the next reader.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -22,6 +24,21 @@ from fednnunet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("README.md", "deploy/README.md", "docs/architecture.md")
+# Documents whose cited files, modules and script options are checked (config comments too).
+CITING = (*DOCUMENTS, "docs/privacy.md", "broker_config/rabbitmq.conf")
+REPO_FOLDERS = (
+    "fednnunet",
+    "workers",
+    "deploy",
+    "scripts",
+    "broker_config",
+    "tests",
+    "bench",
+    "docs",
+)
+PATH = re.compile(rf"(?<![\w/.-])((?:{'|'.join(REPO_FOLDERS)})/[\w./-]*)")
+MODULE = re.compile(r"python3? -m ([\w.]+)(?: ([a-z][\w-]*))?")
+SCRIPT = re.compile(r"((?:deploy|broker_config|scripts|bench)/[\w/-]+\.(?:py|sh))([^|;&#]*)")
 # Where FEDNNUNET_* variables outside Settings are read (scripts, provisioning, tests' helpers).
 READER_DIRS = ("fednnunet", "workers", "deploy", "scripts", "broker_config", "tests/support")
 READ_PATTERNS = (
@@ -158,7 +175,68 @@ def test_every_settings_field_is_documented():
     assert not undocumented, f"settings missing from {DOCUMENTS}: {undocumented}"
 
 
+def cited_problems(text: str) -> list[str]:
+    """Files, ``python -m`` modules and script options that ``text`` cites and that do
+    not exist. Generated files (a component starting with ".") and image names (no
+    extension, no trailing "/") are not files of the repository."""
+    problems = []
+    for line in code_text(text):
+        for match in PATH.finditer(line):
+            path = match.group(1).rstrip(".,:;)")
+            parts = path.rstrip("/").split("/")
+            is_file_or_folder = path.endswith("/") or "." in parts[-1]
+            if any(p.startswith(".") for p in parts) or not is_file_or_folder:
+                continue
+            if not (REPO / path).exists():
+                problems.append(f"no file {path}")
+        for match in MODULE.finditer(line):
+            module, sub = match.group(1), match.group(2)
+            if module.split(".")[0] not in REPO_FOLDERS:
+                continue  # another tool's module (pytest, pip)
+            spec = importlib.util.find_spec(module)
+            if spec is None or spec.origin is None:
+                problems.append(f"no module {module}")
+            elif sub and not re.search(
+                rf"[\"']{re.escape(sub)}[\"']", Path(spec.origin).read_text()
+            ):
+                problems.append(f"`python -m {module}` has no sub-command {sub}")
+        for match in SCRIPT.finditer(line):
+            script = REPO / match.group(1)
+            if not script.is_file():
+                continue  # reported as a missing file above
+            source = script.read_text(encoding="utf-8")
+            for flag in re.findall(r"(?<!\S)(--[a-z][\w-]*)", match.group(2)):
+                if flag not in source:
+                    problems.append(f"{match.group(1)} has no option {flag}")
+    return problems
+
+
+@pytest.mark.parametrize("document", CITING)
+def test_cited_files_modules_and_script_options_exist(document):
+    problems = cited_problems(documented(document))
+    assert not problems, f"{document}: " + "; ".join(problems)
+
+
 # ---------------------------------------------------------------- the checker can fail
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("see `fednnunet/nnunet/inline_pool.py`", "no file fednnunet/nnunet/inline_pool.py"),
+        ("`python -m fednnunet.nosuch x`", "no module fednnunet.nosuch"),
+        ("`python -m bench.run --quick`", None),
+        ("`broker_config/provision.py --write-definitions`", "has no option --write-definitions"),
+        ("`python -m tests.support.private_stack frobnicate`", "has no sub-command frobnicate"),
+        ("`deploy/.generated/definitions.json`, `fednnunet/runtime`", None),
+    ],
+)
+def test_checker_reports_missing_citations(text, expected):
+    problems = cited_problems(text)
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(expected in p for p in problems), problems
+
+
 @pytest.mark.parametrize(
     "line, expected",
     [
