@@ -37,7 +37,7 @@ def prepare(model: str, folder: Path, n: int = DISTINCT_FILES) -> tuple[list[Pat
     """Write ``n`` differently seeded updates of ``model``; return (paths, unique bytes)."""
     from fednnunet.adapters.weights_codec import save_weights_file
     from fednnunet.core.tensors import unique_nbytes
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     paths, nbytes = [], 0
     for i in range(n):

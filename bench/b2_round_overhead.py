@@ -159,7 +159,7 @@ def s3_floor(model: str, repeats: int = 5) -> dict:
     from fednnunet.adapters.weights_codec import encode_weights
     from fednnunet.keys import global_bucket
     from fednnunet.settings import get_settings
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     settings = get_settings()
     data = encode_weights(build_state(model, 0))
@@ -235,7 +235,7 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
         }
     )
     env = {
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": "tests.support.standin:StandInBackend",
         "FEDNNUNET_STANDIN_MODEL": model,
         "FEDNNUNET_STANDIN_SLEEP_S": str(sleep_s),
         "FEDNNUNET_STANDIN_DIR": str(workdir / "standin"),
@@ -321,7 +321,7 @@ def _free_port() -> int:
 
 
 def _state_arrays(model: str, seed: int) -> tuple[list[str], list]:
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     state = build_state(model, seed)
     return list(state), [t.detach().cpu().numpy() for t in state.values()]
@@ -374,7 +374,7 @@ def flower_client(model: str, port: int, index: int, sleep_s: float, workdir: st
     import torch
 
     from fednnunet.messages import ExperimentOptions
-    from fednnunet.site.standin import StandInSession
+    from tests.support.standin import StandInSession
 
     options = ExperimentOptions(configuration="2d", fold=0)
     session = StandInSession(
@@ -490,7 +490,7 @@ def standin_compute_cpu_s(model: str, repeats: int = 3) -> float:
     import torch
 
     from fednnunet.messages import ExperimentOptions
-    from fednnunet.site.standin import StandInSession
+    from tests.support.standin import StandInSession
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the site workers run it (1 thread each)
@@ -521,7 +521,7 @@ def _steady(rounds: list[dict], key: str) -> float:
 def run_model(model: str, quick: bool, sleep_s: float) -> dict:
     """One model: the S3 floor, fednnunet and Flower in the same run; rows and summary."""
     from fednnunet.core.tensors import unique_nbytes
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     rounds = 3 if quick else 5
     unique = unique_nbytes(build_state(model, 0))

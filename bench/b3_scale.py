@@ -92,6 +92,7 @@ class Harness:
         from fednnunet.settings import get_settings
         from fednnunet.site.service import SiteService
         from fednnunet.spec import parse_spec
+        from tests.support.standin import StandInBackend
 
         tag = secrets.token_hex(3)
         self.settings = get_settings()
@@ -120,15 +121,11 @@ class Harness:
         self.coordinator = Coordinator(self.settings, state, store, self._send)
         self.sites = {}
         for i, site in enumerate(self.site_ids):
-            site_settings = get_settings(
-                site_id=site,
-                dataset_id=100 + i,
-                session="standin",
-                standin_model=model,
-                standin_sleep_s=0.0,
-                standin_dir=str(workdir / site),
+            site_settings = get_settings(site_id=site, dataset_id=100 + i)
+            backend = StandInBackend(
+                site_settings, model=model, sleep_s=0.0, workdir=workdir / site
             )
-            service = SiteService(site_settings, ArtifactStore(site_settings))
+            service = SiteService(site_settings, ArtifactStore(site_settings), backend=backend)
             service.bucket = self.shared_bucket
             self.sites[site] = service
         self.redis = state

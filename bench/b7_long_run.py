@@ -170,7 +170,7 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
         }
     )
     env = {
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": "tests.support.standin:StandInBackend",
         "FEDNNUNET_STANDIN_MODEL": "tiny",
         "FEDNNUNET_STANDIN_SLEEP_S": "0",
         "FEDNNUNET_STANDIN_DIR": str(workdir / "standin"),

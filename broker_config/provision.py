@@ -6,9 +6,9 @@
 ``deploy/generate.py`` from the same functions.)
 
 Creates ``coordinator`` (full rights on the vhost) and ``site-<id>`` per site with
-the regexes of :func:`fednnunet.adapters.provisioning.site_permissions`. Passwords
+the regexes of :func:`fednnunet.deploy.provisioning.site_permissions`. Passwords
 are derived from ``FEDNNUNET_CREDENTIAL_SEED`` (print one site's with
-``python -m fednnunet.adapters.provisioning site-credentials <id>``).
+``python -m fednnunet.deploy.provisioning site-credentials <id>``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fednnunet.adapters.provisioning import (  # noqa: E402
+from fednnunet.deploy.provisioning import (  # noqa: E402
     DEFAULT_SITES,
     provision_broker,
     site_permissions,

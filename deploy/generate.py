@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fednnunet.adapters.provisioning import (  # noqa: E402
+from fednnunet.deploy.provisioning import (  # noqa: E402
     COORDINATOR_USER,
     DEFAULT_PREFIX,
     DEFAULT_SITES,

@@ -68,13 +68,9 @@ class Settings(BaseSettings):
     # A local-only nnU-Net run of this site (fold folder or its validation/summary.json):
     # its Dice is reported beside the federated one for comparison.
     local_baseline: str | None = None
-    # "nnunet" (real training) or "standin" (no compute: sleeps, exchanges real-size
-    # weights; for benchmarks and fault tests of the federation itself).
-    session: str = "nnunet"
-    standin_model: str = "tiny"
-    standin_sleep_s: float = 0.0
-    standin_dir: str | None = None
-
+    # Tests and benchmarks only: ``module:factory`` of a site backend that replaces
+    # nnU-Net (e.g. tests.support.standin:StandInBackend); unset: nnU-Net.
+    site_backend: str | None = None
 
     @model_validator(mode="after")
     def _no_development_credentials_in_production(self) -> Settings:

@@ -135,7 +135,7 @@ context_for() { # minimal build context per image (the classic builder sends all
   if [[ "$name" == runtime ]]; then
     cp "$REPO/pyproject.toml" "$ctx/"
     [[ -f "$REPO/README.md" ]] && cp "$REPO/README.md" "$ctx/"
-    (cd "$REPO" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - fednnunet workers) | tar -C "$ctx" -xf -
+    (cd "$REPO" && tar --exclude=__pycache__ --exclude='*.pyc' -cf - fednnunet) | tar -C "$ctx" -xf -
   fi
   echo "$ctx"
 }

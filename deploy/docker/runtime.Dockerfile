@@ -20,7 +20,6 @@ RUN echo "runtime.lock $LOCK_SHA" && pip install --no-index --no-deps --find-lin
 WORKDIR /opt/fednnunet
 COPY pyproject.toml README.md ./
 COPY fednnunet ./fednnunet
-COPY workers ./workers
 RUN pip install --no-index --no-deps --find-links "$WHEELS" . && rm -rf build *.egg-info && pip check
 
 # Unprivileged: a site worker needs its data volume and the network, nothing else.

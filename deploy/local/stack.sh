@@ -70,7 +70,7 @@ ensure_buckets() {
   "$PY" - <<'EOF'
 import os
 from minio import Minio
-from fednnunet.adapters.provisioning import all_buckets
+from fednnunet.deploy.provisioning import all_buckets
 
 c = Minio(f"127.0.0.1:{os.environ.get('FEDNNUNET_S3_PORT', '8333')}",
           access_key=os.environ["FEDNNUNET_S3_ACCESS_KEY"],
@@ -83,7 +83,7 @@ EOF
 
 write_identities() { # prints "changed" when the file content changed
   local tmp="$IDENT.tmp"
-  "$PY" -m fednnunet.adapters.provisioning s3-identities >"$tmp"
+  "$PY" -m fednnunet.deploy.provisioning s3-identities >"$tmp"
   chmod 600 "$tmp"
   if [[ -f "$IDENT" ]] && cmp -s "$tmp" "$IDENT"; then
     rm -f "$tmp"

@@ -50,11 +50,14 @@ def run_checks(settings: Settings, console: Console) -> bool:
         return fn
 
     def nnunet_pkg() -> str:
-        from importlib.metadata import version
+        """A tested nnunetv2 whose internals are as fednnunet relies on (compat.py)."""
+        from fednnunet.nnunet import compat
 
-        import nnunetv2  # noqa: F401
-
-        return f"nnunetv2 {version('nnunetv2')}"
+        installed = compat.require_tested_nnunet()
+        problems = compat.incompatibilities()
+        if problems:
+            raise RuntimeError("; ".join(problems))
+        return f"nnunetv2 {installed}, {len(compat.INTERNALS)} internals as expected"
 
     def torch_device() -> str:
         import torch
@@ -79,7 +82,7 @@ def run_checks(settings: Settings, console: Console) -> bool:
         ("nnUNet_raw", nnunet_var("nnUNet_raw"), "export nnUNet_raw=/path (as for nnU-Net)"),
         ("nnUNet_preprocessed", nnunet_var("nnUNet_preprocessed"), "export nnUNet_preprocessed"),
         ("nnUNet_results", nnunet_var("nnUNet_results"), "export nnUNet_results"),
-        ("nnU-Net", nnunet_pkg, "pip install -e . (pins nnunetv2)"),
+        ("nnU-Net", nnunet_pkg, "pip install -e . (pins the tested nnunetv2)"),
         ("torch device", torch_device, "install the CUDA build of torch for GPU training"),
         ("site dataset", dataset, "set FEDNNUNET_DATASET_ID to a dataset in nnUNet_raw"),
     ]

@@ -8,7 +8,6 @@ is the one logged, so the audit shows what the coordinator can actually read.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from pathlib import Path
@@ -19,17 +18,8 @@ import typer
 from fednnunet.core.fingerprint_schema import describe_summary
 from fednnunet.errors import FedError
 from fednnunet.keys import experiment_prefix
-from fednnunet.settings import Settings
 
 site_app = typer.Typer(help="What this site runs and sends.", no_args_is_help=True)
-
-
-def default_egress_log(settings: Settings) -> Path:
-    """Same location the site worker writes to (``workers/site_worker.py``)."""
-    if settings.egress_log:
-        return Path(settings.egress_log)
-    base = os.environ.get("nnUNet_results") or str(Path.home())
-    return Path(base) / f"fednnunet_egress_{settings.site_id}.jsonl"
 
 
 def read_egress_log(path: Path, experiment: str | None = None) -> list[dict[str, Any]]:
@@ -133,6 +123,7 @@ def site_egress(
 def _site_egress(experiment, log, site_id, no_verify) -> None:
     from fednnunet.cli.main import console
     from fednnunet.settings import get_settings
+    from fednnunet.workers.site_worker import default_egress_log  # where the worker writes
 
     settings = get_settings(**({"site_id": site_id} if site_id else {}))
     path = log or default_egress_log(settings)

@@ -76,7 +76,7 @@ def worker(
     from fednnunet.adapters.s3_store import ArtifactStore
     from fednnunet.keys import SITE_ID_RE
     from fednnunet.settings import require_nnunet_paths
-    from workers.site_worker import run_site_worker
+    from fednnunet.workers.site_worker import run_site_worker
 
     settings = _settings(broker_url, None, s3_endpoint, site_id=site, dataset_id=dataset_id)
     if not settings.site_id or not SITE_ID_RE.match(settings.site_id):
@@ -102,7 +102,7 @@ def coordinator(
     from fednnunet.adapters.broker import check_broker
     from fednnunet.adapters.redis_state import RedisState
     from fednnunet.adapters.s3_store import ArtifactStore
-    from workers.coordinator_worker import run_coordinator
+    from fednnunet.workers.coordinator_worker import run_coordinator
 
     settings = _settings(broker_url, redis_url, s3_endpoint)
     check_broker(settings)

@@ -98,16 +98,6 @@ class StreamingFedAvg:
         return out
 
 
-def fedavg(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
-    """Convenience: FedAvg of in-memory updates over their common layers."""
-    names = common_layers([{k: tuple(v.shape) for k, v in u.items()} for u, _ in updates])
-    acc = StreamingFedAvg(names)
-    for update, weight in updates:
-        acc.add(update, weight)
-    first = updates[0][0]
-    return acc.result({n: first[n].dtype for n in names})
-
-
 def capped_weights(cases: Mapping[str, int], max_share: float | None = None) -> dict[str, float]:
     """Normalised FedAvg weights: proportional to each site's declared cases, no site
     above ``max_share`` of the total (the excess is shared out in proportion to the

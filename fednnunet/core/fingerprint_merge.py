@@ -323,19 +323,3 @@ def merge_fingerprint_summaries(
             "percentiles nnU-Net's planner reads; no row is a case",
         },
     }
-
-
-def naive_average_fingerprint(summaries: Sequence[Mapping]) -> dict:
-    """The reference (FednnU-Net-style) merge, kept only to measure how much worse it is.
-
-    Site statistics are averaged with equal site weight; pooled std becomes the mean std.
-    """
-    sketch = summaries[0]["sketch"]
-    props = {}
-    for ch in sorted(summaries[0]["channel_names"], key=int):
-        per_site = [
-            channel_statistics(merge_channel_summaries([s["intensity_per_channel"][ch]]), sketch)
-            for s in summaries
-        ]
-        props[ch] = {k: float(np.mean([p[k] for p in per_site])) for k in per_site[0]}
-    return {"foreground_intensity_properties_per_channel": props}

@@ -26,6 +26,7 @@ from fednnunet.keys import (
     site_report_key,
 )
 from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
+from fednnunet.nnunet.backend import NnunetBackend, load_backend
 from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.site.policy import load_policy
@@ -39,7 +40,7 @@ class SiteService:
         settings: Settings,
         store: ArtifactStore,
         progress: Any | None = None,
-        session_factory: Any | None = None,
+        backend: NnunetBackend | None = None,
     ) -> None:
         if settings.site_id is None or settings.dataset_id is None:
             raise FedError(
@@ -53,7 +54,7 @@ class SiteService:
         self.bucket = site_bucket(settings.bucket_prefix, self.site_id)
         self.global_bucket = global_bucket(settings.bucket_prefix)
         self._sessions: dict[str, Any] = {}
-        self._session_factory = session_factory
+        self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
             store.max_object_bytes = min(store.max_object_bytes, self.policy.max_upload_bytes)
@@ -99,26 +100,22 @@ class SiteService:
         from fednnunet.nnunet.fingerprint import local_case_identifiers
 
         error = redact_error(error, local_case_identifiers(self.dataset_id))
-        return SiteReport(
-            experiment_id=task.experiment_id,
-            site_id=self.site_id,
-            phase=task.phase,
-            round=task.round,
-            attempt=task.attempt,
+        return self._report(
+            task,
             ok=False,
             error=error[:2000],
             retryable=retryable,
             seconds=time.perf_counter() - t0,
         )
 
-    def _report(self, task: SiteTask, **fields: Any) -> SiteReport:
+    def _report(self, task: SiteTask, ok: bool = True, **fields: Any) -> SiteReport:
         return SiteReport(
             experiment_id=task.experiment_id,
             site_id=self.site_id,
             phase=task.phase,
             round=task.round,
             attempt=task.attempt,
-            ok=True,
+            ok=ok,
             **fields,
         )
 
@@ -141,14 +138,10 @@ class SiteService:
 
     # ------------------------------------------------------------------ phases
     def extract_fingerprint(self, task: SiteTask) -> SiteReport:
-        from fednnunet.nnunet.fingerprint import extract_site_fingerprint
-
         key = self._artifact_key(task)
         ref = self.store.stat(self.bucket, key)
         if ref is None:
-            # nnU-Net's own extractor is skipped: FFE planning replaces its output with the
-            # merged fingerprint anyway, and the summary reads every case itself.
-            summary = extract_site_fingerprint(self.dataset_id, num_processes=2, run_nnunet=False)
+            summary = self.backend.fingerprint(self.dataset_id)
             ref = self.store.put_json(self.bucket, key, summary, kind="fingerprint_summary")
         return self._report(task, artifact=ref)
 
@@ -159,63 +152,21 @@ class SiteService:
             if task.merged_fingerprint is None:
                 raise FedError(f"{opts.method} planning needs the merged fingerprint")
             fingerprint = self.store.get_json(task.merged_fingerprint)
-        if self.settings.session == "standin":
-            plans: dict = {"standin": self.settings.standin_model}
-            digest = sha256_bytes(json.dumps(plans, sort_keys=True).encode())
-            num_cases = self._session(task).num_training_cases()
-        else:
-            from fednnunet.nnunet.planning import (
-                plan_and_preprocess,
-                plans_sha256,
-                training_case_count,
-            )
-
-            plans = plan_and_preprocess(
-                self.dataset_id,
-                [opts.configuration],
-                fingerprint=fingerprint,
-                plans_identifier=opts.plans_identifier,
-                num_processes=2,
-            )
-            digest = plans_sha256(plans)
-            # The site's FedAvg weight for the whole experiment, declared once here.
-            num_cases = training_case_count(
-                self.dataset_id, opts.configuration, opts.fold, opts.plans_identifier
-            )
-        ref = self.store.put_json(self.bucket, self._artifact_key(task), plans, kind="plans")
-        return self._report(task, artifact=ref, plans_sha256=digest, num_cases=num_cases)
+        planned = self.backend.plan(self.dataset_id, opts, fingerprint)
+        ref = self.store.put_json(
+            self.bucket, self._artifact_key(task), planned.plans, kind="plans"
+        )
+        # num_cases: the site's FedAvg weight for the whole experiment, declared once here.
+        return self._report(
+            task, artifact=ref, plans_sha256=planned.plans_sha256, num_cases=planned.num_cases
+        )
 
     def _session(self, task: SiteTask) -> Any:
         session = self._sessions.get(task.experiment_id)
         if session is None:
-            factory = self._session_factory or self._default_factory()
-            session = factory(
-                self.dataset_id,
-                task.options,
-                torch_threads=self.settings.torch_threads or None,
-                da_processes=None if self.settings.da_processes < 0 else self.settings.da_processes,
-                run_id=task.experiment_id,
-            )
+            session = self.backend.session(self.dataset_id, task.options, task.experiment_id)
             self._sessions[task.experiment_id] = session
         return session
-
-    def _default_factory(self) -> Any:
-        if self.settings.session == "standin":
-            from functools import partial
-
-            from fednnunet.site.standin import StandInSession
-
-            # One folder per site: simulated sites share FEDNNUNET_STANDIN_DIR.
-            workdir = Path(self.settings.standin_dir or "/tmp/fednnunet-standin") / self.site_id
-            return partial(
-                StandInSession,
-                model=self.settings.standin_model,
-                sleep_s=self.settings.standin_sleep_s,
-                workdir=workdir,
-            )
-        from fednnunet.nnunet.session import FederatedTrainingSession
-
-        return FederatedTrainingSession
 
     def _round_closed(self, task: SiteTask) -> bool:
         """True when the coordinator already aggregated this round (the task is stale)."""
@@ -309,11 +260,7 @@ class SiteService:
         return self._report(task, artifact=ref, num_cases=meta["num_cases"], metrics=metrics)
 
     def _check_plans(self, task: SiteTask, session: Any) -> None:
-        if self.settings.session == "standin":
-            return
-        from fednnunet.nnunet.planning import plans_sha256
-
-        digest = plans_sha256(session.plans)
+        digest = self.backend.plans_sha256(session.plans)
         if digest != task.plans_sha256:
             raise FedError(
                 f"local plans {digest[:12]} differ from the federation's "

@@ -23,18 +23,20 @@ from pathlib import Path
 import numpy as np
 from kombu import Connection
 
-from fednnunet.adapters import provisioning as prov
 from fednnunet.adapters.broker import coordinator_queue, make_celery
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import load_weights_file, read_header
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.core.state_machine import ExperimentState
+from fednnunet.deploy import provisioning as prov
 from fednnunet.keys import artifact_key, site_bucket
 from fednnunet.messages import SiteReport, SiteTask
 from fednnunet.settings import Settings
 from fednnunet.site.service import SiteService
 from tests.faults.harness import PrivateS3, claim_redis_db, rabbitmqctl
+from tests.support.standin import BACKEND as STANDIN_BACKEND
+from tests.support.standin import StandInBackend
 from tests.support.weed import free_port_block
 
 EVIL = "evil"
@@ -122,13 +124,11 @@ def open_consortium(base: Settings, tmp: Path) -> Consortium:
             s3_secret_key=site_secret,
             site_id=site,
             dataset_id=HONEST.index(short) + 11 if short in HONEST else 13,
-            session="standin",
-            standin_model="tiny",
-            standin_dir=str(tmp / "standin"),
+            site_backend=STANDIN_BACKEND,
             **common,
         )
     env = _env_of(coordinator) | {
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
         "FEDNNUNET_STANDIN_MODEL": "tiny",
         "FEDNNUNET_STANDIN_DIR": str(tmp / "standin"),
         "FEDNNUNET_HEARTBEAT_INTERVAL_S": "1",
@@ -218,7 +218,9 @@ class Evil(threading.Thread):
         self.site = c.site_id(EVIL)
         self.settings = c.sites[self.site]
         self.store = ArtifactStore(self.settings, retry_total_s=20)
-        self.service = SiteService(self.settings, self.store)
+        workdir = c.tmp / "standin" / self.site
+        backend = StandInBackend(self.settings, model="tiny", workdir=workdir)
+        self.service = SiteService(self.settings, self.store, backend=backend)
         self.app = make_celery(self.settings, "site", self.site)
         self.user = prov.site_user(self.site)
         self.attack = attack

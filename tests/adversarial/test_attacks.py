@@ -14,7 +14,6 @@ import torch
 
 from fednnunet.adapters.broker import coordinator_queue
 from fednnunet.adapters.weights_codec import encode_weights
-from fednnunet.site.standin import build_state
 from tests.adversarial.harness import (
     Evil,
     assert_rounds_are_honest_fedavg,
@@ -22,6 +21,7 @@ from tests.adversarial.harness import (
     refusals,
     run_experiment,
 )
+from tests.support.standin import build_state
 
 pytestmark = pytest.mark.integration
 

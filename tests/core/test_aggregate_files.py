@@ -5,7 +5,8 @@ import torch
 
 from fednnunet.adapters.weights_codec import load_weights_file, read_file_header, save_weights_file
 from fednnunet.coordinator.aggregator import aggregate_files
-from fednnunet.core.aggregation import StreamingFedAvg, fedavg
+from fednnunet.core.aggregation import StreamingFedAvg
+from tests.support.reference import fedavg
 
 
 def _aliased(seed: int) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 import torch
 
-from fednnunet.core.aggregation import StreamingFedAvg, common_layers, fedavg
+from fednnunet.core.aggregation import StreamingFedAvg, common_layers
 from tests.support.fedavg_oracle import fedavg_oracle
+from tests.support.reference import fedavg
 
 
 def test_weighted_fedavg_matches_manual_mean():

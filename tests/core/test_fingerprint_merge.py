@@ -14,12 +14,12 @@ from fednnunet.core.fingerprint_merge import (
     SCHEMA,
     merge_channel_summaries,
     merge_fingerprint_summaries,
-    naive_average_fingerprint,
     summarize_channel_cases,
     validate_compatible,
 )
 from fednnunet.core.geometry_sketch import GEOMETRY_SKETCH, summarize_geometry
 from fednnunet.errors import DatasetError
+from tests.support.reference import naive_average_fingerprint
 
 ALPHA = DEFAULT_SKETCH["relative_accuracy"]
 QS = {"percentile_00_5": 0.005, "median": 0.5, "percentile_99_5": 0.995}

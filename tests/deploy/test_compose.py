@@ -20,7 +20,7 @@ import pytest
 import tomllib
 import yaml
 
-from fednnunet.adapters import provisioning as prov
+from fednnunet.deploy import provisioning as prov
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

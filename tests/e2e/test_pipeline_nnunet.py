@@ -91,7 +91,7 @@ def test_ffe_three_sites_end_to_end_and_plain_nnunet_predicts(stack, tmp_path, u
         assert torch.allclose(ckpt["network_weights"][key], value), key
 
     # Plain nnU-Net predictor on one site's results folder.
-    from fednnunet.nnunet.predict import predict_folder
+    from tests.support.predict import predict_folder
 
     raw_site = next(Path(env["nnUNet_raw"]).glob("Dataset901_*"))
     inputs = tmp_path / "pred_in"

@@ -33,10 +33,11 @@ from fednnunet.errors import FedError
 from fednnunet.keys import GLOBAL_SITE, artifact_key, global_bucket, site_bucket
 from fednnunet.phases import Phase
 from fednnunet.settings import Settings
-from fednnunet.site.standin import StandInSession
 from fednnunet.spec import ExperimentSpec, parse_spec
 from tests.support.fedavg_oracle import fedavg_oracle
 from tests.support.redis_db import claim_empty_db
+from tests.support.standin import BACKEND as STANDIN_BACKEND
+from tests.support.standin import StandInSession
 from tests.support.weed import WeedServer, admin_identities
 
 CLAIM_KEY = "fednnunet-faults:claim"
@@ -128,7 +129,7 @@ def open_isolated(base: Settings, token: str, tmp: Path, **settings_overrides) -
         "FEDNNUNET_REDIS_URL": settings.redis_url,
         "FEDNNUNET_S3_ENDPOINT": settings.s3_endpoint,
         "FEDNNUNET_BUCKET_PREFIX": settings.bucket_prefix,
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
         "FEDNNUNET_STANDIN_MODEL": "tiny",
         "FEDNNUNET_STANDIN_DIR": str(tmp / "standin"),
         "FEDNNUNET_STANDIN_SLEEP_S": "2",

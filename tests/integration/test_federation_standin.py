@@ -15,6 +15,7 @@ from fednnunet.adapters.weights_codec import decode_weights
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.spec import parse_spec
 from tests.support.fedavg_oracle import fedavg_oracle
+from tests.support.standin import BACKEND as STANDIN_BACKEND
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
         }
     )
     env = {
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
         "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
         "nnUNet_raw": str(tmp_path),
         "nnUNet_preprocessed": str(tmp_path),
@@ -94,7 +95,7 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
 
 def test_pretrained_weights_are_every_sites_starting_point(stack, unique_id, tmp_path):
     """``-pretrained_weights``: the operator's checkpoint becomes round 0's global."""
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     pretrained = build_state("tiny", 4242)
     ckpt = tmp_path / "checkpoint_final.pth"
@@ -107,7 +108,7 @@ def test_pretrained_weights_are_every_sites_starting_point(stack, unique_id, tmp
          "train_args": ["-pretrained_weights", str(ckpt)]}
     )  # fmt: skip
     env = {
-        "FEDNNUNET_SESSION": "standin",
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
         "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
         "nnUNet_raw": str(tmp_path),
         "nnUNet_preprocessed": str(tmp_path),

@@ -31,7 +31,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fednnunet.adapters.provisioning import s3_identities
+from fednnunet.deploy.provisioning import s3_identities
 from tests.support.weed import WeedServer
 
 SUBNET_PREFIX = "10.231"

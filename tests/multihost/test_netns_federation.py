@@ -24,14 +24,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from fednnunet.adapters.provisioning import site_s3_credentials
 from fednnunet.adapters.redis_state import RedisState
 from fednnunet.cli.simulate import LocalFederation, submit
 from fednnunet.core.state_machine import TERMINAL, ExperimentState
+from fednnunet.deploy.provisioning import site_s3_credentials
 from fednnunet.settings import Settings, get_settings
 from fednnunet.spec import parse_spec
 from tests.multihost.netlab import NetLab, PrivateWeed, TcpForwarder, unavailable_reason
 from tests.support.redis_db import claim_empty_db
+from tests.support.standin import BACKEND as STANDIN_BACKEND
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +101,7 @@ def lab(tmp_path, unique_id):
             "FEDNNUNET_S3_ENDPOINT": weed.endpoint,
             "FEDNNUNET_S3_ACCESS_KEY": base.s3_access_key,
             "FEDNNUNET_S3_SECRET_KEY": base.s3_secret_key,
-            "FEDNNUNET_SESSION": "standin",
+            "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
             "FEDNNUNET_STANDIN_SLEEP_S": "1",
             "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
             "FEDNNUNET_HEARTBEAT_INTERVAL_S": "2",

@@ -25,11 +25,12 @@ import json
 import numpy as np
 import pytest
 
-from fednnunet.core.fingerprint_merge import merge_fingerprint_summaries, naive_average_fingerprint
+from fednnunet.core.fingerprint_merge import merge_fingerprint_summaries
 from fednnunet.nnunet.compat import nnunet_env
 from fednnunet.nnunet.demo_data import make_demo_dataset
 from fednnunet.nnunet.fingerprint import extract_site_fingerprint
 from tests.nnunet.test_aggregate_planning import assert_no_case_rows, assert_plans_equal, plan_with
+from tests.support.reference import naive_average_fingerprint
 
 pytestmark = pytest.mark.nnunet
 

@@ -16,8 +16,8 @@ from fednnunet.errors import FedError
 from fednnunet.messages import ExperimentOptions
 from fednnunet.nnunet.demo_data import make_demo_dataset
 from fednnunet.nnunet.planning import plan_and_preprocess, plans_sha256
-from fednnunet.nnunet.predict import predict_folder
 from fednnunet.nnunet.session import SIDECAR_NAME, FederatedTrainingSession
+from tests.support.predict import predict_folder
 
 pytestmark = pytest.mark.nnunet
 

@@ -21,7 +21,7 @@ import pika
 import pytest
 from pika.exceptions import ChannelClosedByBroker
 
-from fednnunet.adapters import provisioning as prov
+from fednnunet.deploy import provisioning as prov
 
 pytestmark = [
     pytest.mark.integration,
@@ -290,7 +290,7 @@ PROJECT_WORKER = textwrap.dedent(
     from fednnunet.adapters.broker import broker_user, make_celery
     from fednnunet.messages import SiteReport
     from fednnunet.settings import get_settings
-    from workers.site_worker import send_report, worker_argv
+    from fednnunet.workers.site_worker import send_report, worker_argv
 
     SITE = os.environ["T_SITE"]
     settings = get_settings(broker_url=os.environ["T_BROKER"], site_id=SITE)

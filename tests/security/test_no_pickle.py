@@ -52,10 +52,6 @@ JSON_NAMES = {"json", "application/json"}
 INDIRECT_CALLS = {"load_checkpoint", "initialize_from_trained_model_folder", "load_pickle"}
 INDIRECT_ALLOWED = {
     ("fednnunet/nnunet/session.py", "load_checkpoint"): "the worker's own local checkpoint",
-    (
-        "fednnunet/nnunet/predict.py",
-        "initialize_from_trained_model_folder",
-    ): "a local nnU-Net results folder the operator points at (plain nnUNetv2_predict)",
 }
 
 

@@ -2,7 +2,7 @@
 
 The suite's S3 server (``tests/support/private_stack.py``, provisioned like
 ``deploy/local/stack.sh up``) has identities for sites 901 902 903 with secrets derived
-by ``fednnunet.adapters.provisioning``; this test uses those same derived keys.
+by ``fednnunet.deploy.provisioning``; this test uses those same derived keys.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from fednnunet.adapters.provisioning import (
+from fednnunet.deploy.provisioning import (
     coordinator_bucket,
     global_bucket,
     site_bucket,
@@ -106,7 +106,7 @@ def test_wrong_secret_is_rejected(s3):
 
 
 def test_coordinator_identity_reads_sites_and_writes_only_the_global_bucket(s3, stack):
-    from fednnunet.adapters.provisioning import coordinator_s3_credentials
+    from fednnunet.deploy.provisioning import coordinator_s3_credentials
 
     admin, _, prefix, key = s3
     coord = _client(stack, *coordinator_s3_credentials())
@@ -128,7 +128,7 @@ def test_site_cannot_read_the_per_site_history(s3):
 
 
 def test_coordinator_identity_keeps_its_own_bucket(s3, stack):
-    from fednnunet.adapters.provisioning import coordinator_s3_credentials
+    from fednnunet.deploy.provisioning import coordinator_s3_credentials
 
     _, _, prefix, key = s3
     coord = _client(stack, *coordinator_s3_credentials())

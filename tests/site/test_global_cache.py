@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from functools import partial
 
 import pytest
 
@@ -13,23 +12,21 @@ from fednnunet.keys import GLOBAL_SITE, artifact_key, global_bucket, site_bucket
 from fednnunet.messages import ExperimentOptions, SiteTask
 from fednnunet.phases import Phase
 from fednnunet.site.service import SiteService
-from fednnunet.site.standin import StandInSession, build_state
+from tests.support.standin import StandInBackend, build_state
 
 pytestmark = pytest.mark.integration
 
 
 def _service(settings, store, workdir) -> SiteService:
-    factory = partial(StandInSession, model="tiny", workdir=workdir)
-    return SiteService(settings, store, session_factory=factory)
+    backend = StandInBackend(settings, model="tiny", workdir=workdir)
+    return SiteService(settings, store, backend=backend)
 
 
 def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     stack, unique_id, tmp_path
 ):
     site = unique_id("gc")
-    settings = stack.model_copy(
-        update={"site_id": site, "dataset_id": 7, "session": "standin", "standin_model": "tiny"}
-    )
+    settings = stack.model_copy(update={"site_id": site, "dataset_id": 7})
     store = ArtifactStore(settings, cache_dir=tmp_path / "cache")
     exp = unique_id("exp-gc-")
     gbucket, sbucket = (

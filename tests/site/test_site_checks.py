@@ -11,7 +11,7 @@ from fednnunet.messages import ExperimentOptions, SiteReport, SiteTask
 from fednnunet.settings import Settings, resolve_under
 from fednnunet.site.policy import load_policy
 from fednnunet.site.service import SiteService
-from workers.site_worker import validated_task
+from fednnunet.workers.site_worker import validated_task
 
 SETTINGS = Settings(site_id="a", dataset_id=1, development=True)
 

@@ -81,7 +81,7 @@ def _answers(endpoint: str) -> bool:
 
 
 def _identities(access: str, secret: str, prefix: str) -> dict:
-    from fednnunet.adapters.provisioning import s3_identities
+    from fednnunet.deploy.provisioning import s3_identities
 
     return s3_identities(access, secret, list(SITES), prefix)
 
@@ -89,7 +89,7 @@ def _identities(access: str, secret: str, prefix: str) -> dict:
 def _make_buckets(endpoint: str, access: str, secret: str, prefix: str) -> None:
     from minio import Minio
 
-    from fednnunet.adapters.provisioning import all_buckets
+    from fednnunet.deploy.provisioning import all_buckets
 
     client = Minio(endpoint, access_key=access, secret_key=secret, secure=False)
     for bucket in all_buckets(prefix, SITES):

@@ -1,0 +1,1 @@
+"""Deploy-time provisioning: credentials, permissions, broker definitions, buckets."""

@@ -1,0 +1,1 @@
+"""Celery wiring of the site and coordinator workers (tasks that only call the services)."""
