@@ -37,8 +37,9 @@ def main() -> int:
         "--consumer-timeout-ms",
         type=int,
         default=None,
-        help="also raise consumer_timeout on the running node (lost on broker restart;\n"
-        "put it in rabbitmq.conf for good)",
+        help="also set consumer_timeout on the running node (lost on broker restart). "
+        "Not needed for fednnunet: site tasks are acked on receipt, coordinator tasks "
+        "take seconds (see rabbitmq.conf)",
     )
     a = ap.parse_args()
     sites = a.sites or list(DEFAULT_SITES)
