@@ -118,7 +118,11 @@ class ArtifactStore:
             if ca and not Path(ca).is_file():
                 raise FedError(f"FEDNNUNET_S3_CA_FILE {ca} is not a readable file")
             http = urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=5.0, read=120.0),
+                # urllib3 sends a request body under the *connect* timeout: with 5 s, a
+                # 125 MB 3d_fullres update stalled by a busy S3 server was cut off and
+                # retried until it gave up (measured, B2 on a loaded host). A refused
+                # connection still fails at once; only a silent host waits this long.
+                timeout=urllib3.Timeout(connect=30.0, read=120.0),
                 retries=urllib3.Retry(
                     total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
                 ),
