@@ -673,6 +673,58 @@ def run(
     )
 
 
+# ----------------------------------------------------------------- the round's close alone
+def closing_path(model: str, repeats: int = 3) -> dict:
+    """What remains after the last report, measured on its own (real S3, no broker):
+    *batch* = screen and average all 3 updates, encode and PUT the global (before
+    fold-on-arrival); *folded* = screen and fold the last update into the running sum
+    (the first two were folded as they arrived), finalise, encode and PUT."""
+    from fednnunet.adapters.s3_store import ArtifactStore
+    from fednnunet.adapters.weights_codec import encode_weights
+    from fednnunet.coordinator.aggregator import RoundFold, aggregate_round
+    from fednnunet.keys import global_bucket
+    from fednnunet.messages import SiteReport
+    from fednnunet.settings import get_settings
+    from fednnunet.site.standin import build_state
+
+    settings = get_settings()
+    bucket = global_bucket(settings.bucket_prefix)
+    prefix = f"b2-close-{secrets.token_hex(3)}/"
+    cases = {f"s{i}": 4 + i for i in range(NUM_SITES)}
+    samples: dict[str, list[float]] = {"batch": [], "folded": []}
+    with tempfile.TemporaryDirectory(prefix="fednnunet-b2close-") as tmp:
+        store = ArtifactStore(settings, cache_dir=Path(tmp) / "cache")
+        previous = store.put_bytes(
+            bucket, prefix + "global0", encode_weights(build_state(model, 0)), cache=True
+        )
+        reports = []
+        for i, site in enumerate(cases):
+            ref = store.put_bytes(
+                bucket, f"{prefix}{site}", encode_weights(build_state(model, i + 1))
+            )
+            store.get_file(ref)  # downloaded and verified on arrival in both designs
+            reports.append(
+                SiteReport(experiment_id="b2", site_id=site, phase="train", round=2, ok=True,
+                           artifact=ref, num_cases=cases[site])
+            )  # fmt: skip
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            aggregate_round(store, reports, bucket, f"{prefix}batch{r}", previous, cases=cases)
+            samples["batch"].append(time.perf_counter() - t0)
+            fold = RoundFold(store, previous, exact=False)  # at the round's first report
+            for i in range(NUM_SITES - 1):  # as the first reports arrive
+                fold.screen(store, reports[i])
+                fold.fold(store, [(x, cases[x.site_id]) for x in reports[: i + 1]])
+            t0 = time.perf_counter()
+            fold.screen(store, reports[-1])
+            aggregate_round(
+                store, reports, bucket, f"{prefix}folded{r}", previous, cases=cases, fold=fold
+            )
+            samples["folded"].append(time.perf_counter() - t0)
+        purge_s3(store, bucket, prefix)
+    return {k: statistics.median(v) for k, v in samples.items()} | {"samples": samples}
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--flower-server"]:
         flower_server(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
@@ -684,6 +736,12 @@ if __name__ == "__main__":
         from bench.common import print_result, write_json
 
         chosen = tuple(m for m in MODELS if m in sys.argv[1:]) or tuple(MODELS)
-        res = run(quick="--quick" in sys.argv, models=chosen)
-        print_result(res)
-        write_json(res)
+        if "--closing" in sys.argv:
+            for model in chosen:
+                out = closing_path(model)
+                print(f"{MODELS[model]}: after the last report, batch {out['batch']:.3f} s, "
+                      f"folded {out['folded']:.3f} s")  # fmt: skip
+        else:
+            res = run(quick="--quick" in sys.argv, models=chosen)
+            print_result(res)
+            write_json(res)
