@@ -685,7 +685,7 @@ def closing_path(model: str, repeats: int = 3) -> dict:
     from fednnunet.keys import global_bucket
     from fednnunet.messages import SiteReport
     from fednnunet.settings import get_settings
-    from fednnunet.site.standin import build_state
+    from tests.support.standin import build_state
 
     settings = get_settings()
     bucket = global_bucket(settings.bucket_prefix)

@@ -54,7 +54,7 @@ def coordinator_main(stats_path: str, tick_s: float) -> None:
     from fednnunet.coordinator.service import Coordinator
     from fednnunet.keys import PHASE_HISTORY
     from fednnunet.settings import get_settings
-    from workers.coordinator_worker import run_coordinator
+    from fednnunet.workers.coordinator_worker import run_coordinator
 
     out = open(stats_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - process-long
     out_lock = threading.Lock()
@@ -211,9 +211,7 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
         raise RuntimeError(f"B7 run ended in {state.phase}: {state.error}")
     store = ArtifactStore(settings)
     try:
-        entries = [
-            json.loads(line) for path in stats if path.exists() for line in path.open()
-        ]
+        entries = [json.loads(line) for path in stats if path.exists() for line in path.open()]
     finally:
         prefix = spec.experiment_id + "/"
         for site in sites:
