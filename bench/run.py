@@ -21,8 +21,9 @@ BENCHMARKS = {
     "b3": "bench.b3_scale",
     "b7": "bench.b7_long_run",  # 1000 rounds (--quick: 50), restart at 90 %
     "quality": "bench.quality",  # B4, B5, B6 and FFE-vs-centralized Dice (real nnU-Net)
+    "p7": "bench.async",  # async (FedBuff) vs sync with one slow site (real nnU-Net)
 }
-NEEDS_STACK = {"b2", "b3", "b7", "quality"}
+NEEDS_STACK = {"b2", "b3", "b7", "quality", "p7"}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -175,3 +175,8 @@ def parse_progress_routing_key(routing_key: str) -> tuple[str, str, str] | None:
 def initial_weights_key(experiment: str) -> str:
     """Round 0's global: the operator's pretrained model (``-pretrained_weights``)."""
     return global_weights_key(experiment, 0)
+
+
+def async_closed_key(experiment: str) -> str:
+    """Written once when an async train phase ends: sites abandon the epoch in flight."""
+    return artifact_key(experiment, Phase.TRAIN, 0, GLOBAL_SITE, "closed.json")

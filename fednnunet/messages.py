@@ -141,6 +141,16 @@ class ExperimentOptions(BaseModel):
     max_attempts: int = Field(default=3, ge=1, le=20)
     # End the experiment after this phase (fingerprint: FFE only).
     stop_after: Phase | None = None
+    # sync: rounds that wait for a quorum; async: FedBuff, sites train continuously and
+    # every buffer_size updates make a new global version (core/async_rounds.py).
+    mode: Literal["sync", "async"] = "sync"
+    buffer_size: int | None = Field(default=None, ge=1, le=100_000)  # None: ceil(sites/2)
+    staleness_exponent: float = Field(default=0.5, ge=0, le=10)  # s(tau) = (1+tau)^-a
+    max_staleness: int | None = Field(default=None, ge=0)  # older async updates refused
+    server_lr: float = Field(default=1.0, gt=0, le=10)  # async server learning rate
+    max_wall_s: float | None = Field(default=None, gt=0)  # async: end after this long
+    # Simulation only (benchmarks, demos): site -> k, its local epochs take k times longer.
+    simulate_slowdown: dict[str, float] = Field(default_factory=dict, max_length=1000)
 
     @field_validator("configuration")
     @classmethod
@@ -165,6 +175,28 @@ class ExperimentOptions(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _mode_options(self) -> ExperimentOptions:
+        if any(not 1 <= k <= 100 for k in self.simulate_slowdown.values()):
+            raise ValueError("simulate_slowdown factors must be between 1 and 100")
+        if self.mode == "sync":
+            async_only = {
+                "buffer_size": self.buffer_size is not None,
+                "max_staleness": self.max_staleness is not None,
+                "max_wall_s": self.max_wall_s is not None,
+                "server_lr": self.server_lr != 1.0,
+                "staleness_exponent": self.staleness_exponent != 0.5,
+            }
+            given = [name for name, set_ in async_only.items() if set_]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to mode: async")
+        else:
+            if self.aggregation != "fedavg":
+                raise ValueError("mode async combines updates with FedBuff, not trimmed_mean")
+            if self.round_deadline_s is not None:
+                raise ValueError("mode async has no rounds to close: use max_wall_s")
+        return self
+
     @property
     def strategy(self) -> Strategy:
         """The federated method's decisions (fednnunet/strategies/)."""
@@ -185,6 +217,10 @@ class SiteTask(BaseModel):
     merged_fingerprint: ArtifactRef | None = None
     global_weights: ArtifactRef | None = None
     plans_sha256: str | None = None
+    # Async train: the global version ``global_weights`` is, and the federation's progress
+    # (site-epochs consumed / target) that sets nnU-Net's poly learning rate.
+    base_version: int | None = Field(default=None, ge=0)
+    progress: float | None = Field(default=None, ge=0, le=1)
 
 
 class SiteReport(BaseModel):
@@ -201,6 +237,8 @@ class SiteReport(BaseModel):
     retryable: bool = True
     artifact: ArtifactRef | None = None
     plans_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # Async train: the global version this update started from.
+    base_version: int | None = Field(default=None, ge=0)
     num_cases: int = Field(default=0, ge=0, le=MAX_SITE_CASES)
     metrics: Metrics = Field(default_factory=dict)
     # Metrics without a value (e.g. NaN Dice) and why: kept out of ``metrics``.

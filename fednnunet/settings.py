@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_object_bytes: int = 2 * 1024**3
     # Threads and augmentation workers for nnU-Net on this site (0 = nnU-Net default).
     torch_threads: int = 0
+    # Simulation only (benchmarks, demos): this site's local epochs take k times longer
+    # (it sleeps (k-1) x the measured epoch time after each). 1 = off.
+    slowdown: float = Field(default=1.0, ge=1.0, le=100.0)
     da_processes: int = Field(default=-1, description="nnUNet_n_proc_DA; -1 keeps nnU-Net's")
     # Coordinator: render the per-round progress picture into S3 (FEDNNUNET_PLOTS=false: off).
     plots: bool = True

@@ -60,6 +60,9 @@ class ExperimentSpec(ExperimentOptions):
                 if self.pretrained_weights not in (None, given):
                     raise ValueError("pretrained_weights given twice, with different paths")
                 self.pretrained_weights = given
+        unknown = sorted(set(self.simulate_slowdown) - set(self.sites))
+        if unknown:
+            raise ValueError(f"simulate_slowdown names unknown site(s) {unknown}")
         if self.quorum is not None and self.quorum > len(self.sites):
             raise ValueError(
                 f"quorum {self.quorum} exceeds the number of sites ({len(self.sites)})"

@@ -125,6 +125,7 @@ def experiment_start(
     fold: str = typer.Option(None, "--fold", "-f"),
     method: str = typer.Option(None, "--method", help="ffe | asym"),
     rounds: int = typer.Option(None, "--rounds"),
+    mode: str = typer.Option(None, "--mode", help="sync | async (FedBuff)"),
     experiment_id: str = typer.Option(None, "--id"),
     watch: bool = typer.Option(False, "--watch", help="follow it live"),
     accept_timeout: float = typer.Option(
@@ -146,6 +147,7 @@ def experiment_start(
         fold=(fold if fold == "all" else int(fold)) if fold is not None else None,
         method=method,
         rounds=rounds,
+        mode=mode,
         experiment_id=experiment_id,
     )
     spec = load_spec(spec_file, overrides)
@@ -403,6 +405,7 @@ def run(
     configuration: str = typer.Argument("3d_fullres"),
     fold: str = typer.Argument("0", help="0-4, or 'all' to train folds 0-4 in turn"),
     method: str = typer.Option("ffe", "--method"),
+    mode: str = typer.Option("sync", "--mode", help="sync | async (FedBuff)"),
     rounds: int = typer.Option(1000, "--rounds"),
     local_epochs: int = typer.Option(1, "--local-epochs"),
     iterations: int = typer.Option(250, "--iterations-per-epoch"),
@@ -441,6 +444,7 @@ def run(
                 "configuration": configuration,
                 "fold": f,
                 "method": method,
+                "mode": mode,
                 "rounds": rounds,
                 "local_epochs": local_epochs,
                 "iterations_per_epoch": iterations,

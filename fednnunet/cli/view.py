@@ -69,6 +69,63 @@ def status_dict(
             for r in history
         ],
         "final_metrics": state.final_metrics,
+        "mode": state.options.mode,
+        "time_use": time_use(state, now),
+        "asynchronous": async_dict(state),
+    }
+
+
+def train_window(state: ExperimentState, now: float) -> tuple[float, float] | None:
+    """(start, end) of the train phase: async from its opening, sync over its rounds."""
+    prog = state.asynchronous
+    if prog is not None and prog.opened_at is not None:
+        return prog.opened_at, prog.closed_at or now
+    if state.train_started_at is None or state.last_round is None:
+        return None
+    end = state.last_round.closed_at if state.phase != Phase.TRAIN else now
+    return state.train_started_at, end
+
+
+def time_use(state: ExperimentState, now: float) -> dict[str, dict[str, float]]:
+    """Per site: seconds busy on train tasks, idle (waiting for the federation) and the
+    idle fraction of the train phase's wall time."""
+    window = train_window(state, now)
+    if window is None:
+        return {}
+    wall = max(window[1] - window[0], 1e-9)
+    out = {}
+    for site in state.sites:
+        busy = min(state.busy_s.get(site, 0.0), wall)
+        out[site] = {
+            "busy_s": round(busy, 3),
+            "idle_s": round(wall - busy, 3),
+            "idle_fraction": round((wall - busy) / wall, 4),
+        }
+    return out
+
+
+def async_dict(state: ExperimentState) -> dict[str, Any] | None:
+    prog = state.asynchronous
+    if prog is None:
+        return None
+    return {
+        "version": prog.version,
+        "consumed_epochs": prog.consumed_epochs,
+        "target_epochs": prog.target_epochs,
+        "buffered": len(prog.buffer),
+        "buffer_size": prog.buffer_size,
+        "stale_refused": prog.stale_refused,
+        "quarantined": prog.quarantined,
+        "closed_reason": prog.closed_reason,
+        "sites": {
+            s: {
+                "epochs_applied": prog.applied_epochs.get(s, 0),
+                "current_epoch": prog.site_epoch.get(s, 0),
+                "base_version": prog.site_base.get(s, 0),
+                "last_staleness": prog.last_staleness.get(s),
+            }
+            for s in state.sites
+        },
     }
 
 
@@ -81,6 +138,11 @@ def eta_seconds(state: ExperimentState, now: float) -> float | None:
 
 def round_summary(state: ExperimentState) -> str:
     """``round k/N`` while training, else how many of the N rounds were completed."""
+    prog = state.asynchronous
+    if prog is not None:
+        return (
+            f"version {prog.version}, {prog.consumed_epochs}/{prog.target_epochs} site-epochs"
+        )
     completed = state.rounds_closed
     if state.phase == Phase.TRAIN and state.round:
         return f"round {min(state.round, state.options.rounds)}/{state.options.rounds}"
@@ -101,6 +163,12 @@ COLUMN_PRIORITY = {
     "MB moved": 5,
     "heartbeat": 6,
 }
+# Columns of the async train phase only (site-epochs applied, last staleness, idle share).
+ASYNC_COLUMN_PRIORITY = {"epochs": 2, "staleness": 3, "idle": 4}
+
+
+def _priority(column: str) -> int:
+    return COLUMN_PRIORITY.get(column, ASYNC_COLUMN_PRIORITY.get(column, 9))
 
 
 class SiteTable:
@@ -143,8 +211,8 @@ class SiteTable:
         """The table that fits ``max_width`` without cutting a word; and the columns left out."""
         keep = list(self.columns)
         droppable = sorted(
-            (c for c in keep if COLUMN_PRIORITY.get(c, 9) > 0),
-            key=lambda c: (COLUMN_PRIORITY.get(c, 9), keep.index(c)),
+            (c for c in keep if _priority(c) > 0),
+            key=lambda c: (_priority(c), keep.index(c)),
         )
 
         def min_width() -> int:
@@ -188,7 +256,15 @@ def render(
         (state.phase, "bold"),
     )
     parts: list[Any] = [head]
-    if state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE) and state.options.rounds:
+    asyncp = state.asynchronous
+    if asyncp is not None and state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE):
+        bar = Table.grid(padding=(0, 2))
+        bar.add_row(
+            Text(round_summary(state)),
+            ProgressBar(total=asyncp.target_epochs, completed=asyncp.consumed_epochs, width=40),
+        )
+        parts.append(bar)
+    elif state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE) and state.options.rounds:
         eta = info["eta_s"]
         # One grid row: a bare ProgressBar ends no line, and the table's top border
         # would be drawn on the bar's line.
@@ -201,6 +277,8 @@ def render(
     has_local = any("local_mean_dice" in m for m in state.final_metrics.values())
     columns = ["site", "state", "try", "progress", "loss", "pseudo-Dice", "Dice"]
     columns += ["local-only Dice"] if has_local else []
+    if asyncp is not None:
+        columns += ["epochs", "staleness", "idle"]
     columns += ["MB moved", "heartbeat"]
     ended = state.phase in TERMINAL  # the final table: nobody is in the middle of a round
     rows = []
@@ -225,6 +303,14 @@ def render(
         ]
         if has_local:
             cells.append(f"{local:.3f}" if isinstance(local, float) else "n/a")
+        if asyncp is not None:
+            tau = asyncp.last_staleness.get(site)
+            idle = info["time_use"].get(site, {}).get("idle_fraction")
+            cells += [
+                str(asyncp.applied_epochs.get(site, 0)),
+                "" if tau is None else str(tau),
+                "" if idle is None else f"{100 * idle:.0f}%",
+            ]
         cells += [f"{row['bytes_moved'] / 1e6:.1f}", f"{hb:.0f}s ago" if hb is not None else ""]
         rows.append(cells)
     if ended:

@@ -53,15 +53,23 @@ def build_figure(state: ExperimentState):
                 label="global (case-weighted)",
             )
         ax.set_title(title)
-        ax.set_xlabel("round")
+        ax.set_xlabel("global version" if state.options.mode == "async" else "round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
+    prog = state.asynchronous
     opts = state.options
-    fig.suptitle(
-        f"{state.experiment_id} ({opts.method}) — round {len(state.history)}/{opts.rounds}"
-    )
+    if prog is not None:
+        where = (
+            f"async, version {prog.version}, {prog.consumed_epochs}/{prog.target_epochs} "
+            "site-epochs ("
+            + ", ".join(f"{s}: {prog.applied_epochs.get(s, 0)}" for s in state.sites)
+            + ")"
+        )
+    else:
+        where = f"round {len(state.history)}/{opts.rounds}"
+    fig.suptitle(f"{state.experiment_id} ({opts.method}) — {where}")
     fig.tight_layout()
     return fig
 

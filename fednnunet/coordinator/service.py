@@ -22,6 +22,8 @@ from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import read_file_header
 from fednnunet.coordinator.aggregator import AggregationResult, RoundFold, aggregate_round
+from fednnunet.coordinator.async_buffer import apply_buffer, version_result_of
+from fednnunet.core import async_rounds as asy
 from fednnunet.core import state_machine as sm
 from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.identity import SenderPolicy
@@ -30,6 +32,7 @@ from fednnunet.keys import (
     HISTORY,
     IDLE_EXPERIMENT,
     JOURNAL,
+    async_closed_key,
     coordinator_bucket,
     final_summary_key,
     folder_prefix,
@@ -165,7 +168,9 @@ class Coordinator:
             if state is None:
                 self.refuse(None, "unknown-experiment", f"report for {exp!r}", sender)
                 return
-            current = report.phase == state.phase and report.round == state.round
+            current = sm.is_current(state, report)
+            if refused is None:
+                sm.record_busy(state, report)
             problem = refused.reason if refused is not None else None
             if report.site_id not in state.sites:
                 state.ignored_reports += 1
@@ -361,6 +366,14 @@ class Coordinator:
                 elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
                     sm.apply_validated(state, now)
                     self._write_final(state)
+                elif (closing := sm.async_complete(state, now)) is not None:
+                    self._put_once_json(  # sites read it: they abandon the epoch in flight
+                        self.global_bucket,
+                        async_closed_key(state.experiment_id),
+                        {"reason": closing},
+                        kind="journal",
+                    )
+                    sm.apply_async_closed(state, closing, now)
                 beats = self.redis.heartbeats(state.experiment_id)
                 for action in sm.next_actions(state, now, beats, self.redis.idle_since()):
                     self._perform(state, action, now)
@@ -404,6 +417,8 @@ class Coordinator:
             sm.apply_merged(state, ref, now)
         elif isinstance(action, sm.Aggregate):
             self._aggregate(state, action, now)
+        elif isinstance(action, asy.ApplyBuffer):
+            self._apply_buffer(state, action, now)
         elif isinstance(action, sm.GiveUp):
             log.warning("giving up on %s in %s: %s", action.site, state.phase, action.reason)
             sm.apply_gave_up(state, action.site, action.reason, now)
@@ -426,7 +441,43 @@ class Coordinator:
         if action.phase in (Phase.TRAIN, Phase.VALIDATE):
             task.global_weights = state.global_weights
             task.plans_sha256 = strategy.expected_plans(state.plans_sha256)
+        prog = state.asynchronous
+        if action.phase == Phase.TRAIN and prog is not None:
+            task.base_version = prog.version
+            task.progress = min(1.0, prog.consumed_epochs / prog.target_epochs)
         return task
+
+    def _apply_buffer(self, state: sm.ExperimentState, action: asy.ApplyBuffer, now: float) -> None:
+        """Publish the next global version from the buffer, exactly once.
+
+        The version's object is write-once and names the updates inside it: a coordinator
+        killed between writing it and saving the state finds it and reuses it."""
+        prog = state.asynchronous
+        assert prog is not None  # noqa: S101
+        key = global_weights_key(state.experiment_id, action.version)
+        existing = self.store.stat(self.global_bucket, key)
+        if existing is not None:
+            # Written by a coordinator that died before saving the state: the header names
+            # the updates inside it; their weights are the same pure function again (no
+            # case-derived weights in a header every site can read).
+            _, _, meta = read_file_header(self.store.get_file(existing))
+            applied = [k for k in meta.get("updates", "").split(",") if k]
+            if not applied:
+                raise FedError(f"version {action.version} exists without its update list")
+            result = version_result_of(state, action, existing, applied)
+        else:
+            result = apply_buffer(
+                self.store,
+                state,
+                action.updates,
+                self.global_bucket,
+                key,
+                exact_architecture=state.options.strategy.exact_architecture,
+            )
+        for k, why in result.quarantined.items():
+            log.warning("async update %s quarantined: %s", k, why)
+        state.refused_reports += len(result.quarantined)
+        asy.apply_version(state, action, result, now)
 
     def _merge_fingerprints(
         self, state: sm.ExperimentState, reports: tuple[SiteReport, ...]

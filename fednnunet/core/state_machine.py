@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from fednnunet.core import async_rounds as asy
 from fednnunet.messages import ArtifactRef, ExperimentOptions, Metrics, ShortText, SiteReport
 from fednnunet.phases import TERMINAL, ExperimentPhase, Outcome, Phase
 
@@ -53,6 +54,8 @@ class RoundRecord(BaseModel):
     opened_at: float = 0.0
     closed_at: float = 0.0
     aggregation_s: float = 0.0
+    # Async versions: each applied update (site, epoch, base_version, staleness, weight).
+    updates: list[dict[str, Any]] = Field(default_factory=list)
 
     def overhead_s(self) -> float | None:
         """Round wall time not spent in the slowest participant's local training."""
@@ -75,6 +78,8 @@ class ExperimentState(BaseModel):
     sites: list[str]
     options: ExperimentOptions  # as the spec gave them, for the whole experiment
     phase: ExperimentPhase = Phase.FINGERPRINT
+    # mode async: where the FedBuff train phase stands (core/async_rounds.py).
+    asynchronous: asy.AsyncProgress | None = None
     round: int = 0
     seq: int = 0
     phase_opened_at: float = 0.0
@@ -103,6 +108,10 @@ class ExperimentState(BaseModel):
     error: ShortText | None = None
     ignored_reports: int = 0
     refused_reports: int = 0
+    # Seconds each site spent on its train tasks (as reported), counted once per round or
+    # async epoch: idle = train phase wall - busy.
+    busy_s: dict[str, float] = Field(default_factory=dict)
+    busy_round: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -169,7 +178,7 @@ class GiveUp:
     reason: str
 
 
-Action = Dispatch | MergeFingerprints | Aggregate | Fail | GiveUp
+Action = Dispatch | MergeFingerprints | Aggregate | Fail | GiveUp | asy.ApplyBuffer
 
 
 # ---------------------------------------------------------------- creation
@@ -187,6 +196,7 @@ def new_experiment(
         options=options,
         created_at=now,
         global_weights=global_weights,
+        asynchronous=asy.new_progress(options, len(sites)),
     )
     _open_phase(state, options.strategy.first_phase, 0, now)
     return state
@@ -206,7 +216,10 @@ def _open_phase(state: ExperimentState, phase: ExperimentPhase, round_: int, now
 # ---------------------------------------------------------------- events
 def apply_dispatched(state: ExperimentState, action: Dispatch, now: float) -> None:
     st = state.sites_status[action.site]
-    if action.phase != state.phase or action.round != state.round or st.state in ("done", "late"):
+    if asy.is_async_train(state) and action.phase == Phase.TRAIN:
+        if not asy.apply_async_dispatched(state, action.site, action.round, now):
+            return
+    elif action.phase != state.phase or action.round != state.round or st.state in ("done", "late"):
         return
     st.state, st.attempt, st.dispatched_at = "queued", action.attempt, now
     st.started_at, st.error, st.retryable = None, None, True
@@ -215,10 +228,29 @@ def apply_dispatched(state: ExperimentState, action: Dispatch, now: float) -> No
 def apply_heartbeat(state: ExperimentState, site: str, phase: str, round_: int, now: float) -> None:
     """A site said it is working on (phase, round): queued -> running."""
     st = state.sites_status.get(site)
-    if st is None or phase != state.phase or round_ != state.round:
+    if st is None or phase != state.phase or round_ != asy.site_round(state, site):
         return
     if st.state == "queued":
         st.state, st.started_at = "running", now
+
+
+def is_current(state: ExperimentState, report: SiteReport) -> bool:
+    """The report answers the site's task in flight (async train: its current epoch)."""
+    return (
+        report.site_id in state.sites_status
+        and report.phase == state.phase
+        and report.round == asy.site_round(state, report.site_id)
+    )
+
+
+def record_busy(state: ExperimentState, report: SiteReport) -> None:
+    """Count a train report's task time once per (site, round or epoch), late ones too."""
+    site = report.site_id
+    if report.phase != Phase.TRAIN or site not in state.sites_status or not report.ok:
+        return
+    if report.round > state.busy_round.get(site, 0):
+        state.busy_round[site] = report.round
+        state.busy_s[site] = state.busy_s.get(site, 0.0) + report.seconds
 
 
 def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool:
@@ -227,12 +259,14 @@ def apply_report(state: ExperimentState, report: SiteReport, now: float) -> bool
     if (
         st is None
         or state.phase in TERMINAL
-        or report.phase != state.phase
-        or report.round != state.round
+        or not is_current(state, report)
         or st.state in ("done", "late")
     ):
         state.ignored_reports += 1
         return False
+    if asy.is_async_train(state):
+        asy.apply_async_report(state, report, now)
+        return True
     st.finished_at = now
     if report.ok:
         st.state, st.report, st.error = "done", report, None
@@ -269,6 +303,10 @@ def report_problem(state: ExperimentState, report: SiteReport, bucket_prefix: st
         )
     if report.phase == Phase.PLAN and report.num_cases < 1:
         return "a plan report must declare the site's training cases (at least 1)"
+    if report.phase == Phase.TRAIN and asy.is_async_train(state):
+        problem = asy.async_report_problem(state, report)
+        if problem is not None:
+            return problem
     if report.phase == Phase.TRAIN:
         declared = state.declared_cases.get(report.site_id)
         if declared is not None and report.num_cases != declared:
@@ -315,6 +353,8 @@ def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
         return Fail(problem)
     after = Outcome.DONE if state.options.stop_after == Phase.PLAN else Phase.TRAIN
     _open_phase(state, after, 1, now)
+    if state.phase == Phase.TRAIN:
+        asy.open_async(state, now)
     return None
 
 
@@ -331,6 +371,24 @@ def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) ->
         _open_phase(state, Phase.TRAIN, state.round + 1, now)
     else:
         _open_phase(state, Phase.VALIDATE, 0, now)
+
+
+def apply_async_closed(state: ExperimentState, reason: str, now: float) -> None:
+    """The async train phase ends (target reached or wall limit): validate everywhere.
+
+    Sites still in the middle of an epoch see the closed marker and abandon it."""
+    if not asy.is_async_train(state):
+        return
+    asy.close_async(state, reason, now)
+    _open_phase(state, Phase.VALIDATE, 0, now)
+
+
+def async_complete(state: ExperimentState, now: float) -> str | None:
+    """Why the async train phase closes now: it must end and its last buffer is applied."""
+    if not asy.is_async_train(state):
+        return None
+    reason = asy.finishing(state, now)
+    return reason if reason is not None and not state.asynchronous.buffer else None  # type: ignore[union-attr]
 
 
 def apply_validated(state: ExperimentState, now: float) -> None:
@@ -381,17 +439,27 @@ def next_actions(
     actions: list[Action] = []
     statuses = state.sites_status
 
+    asynchronous = asy.is_async_train(state)
+    if asynchronous:
+        apply = asy.buffer_action(state, now)
+        if apply is not None:  # first, so that the next dispatches carry the new version
+            actions.append(apply)
+        if asy.finishing(state, now) is not None:
+            return actions  # nothing new is dispatched; the coordinator closes the phase
+
     def again(site: str, st: SiteStatus, why: str) -> Action:
         # Every re-dispatch path counts attempts and ends: no site is asked forever.
         if st.attempt >= state.options.max_attempts:
             return GiveUp(site, f"{why} after {st.attempt} attempt(s)")
-        return Dispatch(site, state.phase, state.round, st.attempt + 1)
+        return Dispatch(site, state.phase, asy.site_round(state, site), st.attempt + 1)
 
     for site, st in statuses.items():
-        if st.state == "pending":
-            actions.append(Dispatch(site, state.phase, state.round, 1))
+        if st.state == "pending" or (asynchronous and st.state == "done"):
+            # Async: a site that delivered its epoch starts the next one right away.
+            next_round = asy.site_round(state, site) + (1 if asynchronous else 0)
+            actions.append(Dispatch(site, state.phase, next_round, 1))
         elif st.state == "failed" and st.retryable and st.attempt < state.options.max_attempts:
-            actions.append(Dispatch(site, state.phase, state.round, st.attempt + 1))
+            actions.append(Dispatch(site, state.phase, asy.site_round(state, site), st.attempt + 1))
         elif (
             st.state == "queued"
             and idle_since.get(site, 0.0) > (st.dispatched_at or now) + IDLE_GRACE_S
@@ -412,6 +480,8 @@ def next_actions(
         why = "; ".join(f"{s}: {statuses[s].error}" for s in sorted(exhausted))
         return [Fail(f"{state.phase} failed at {len(exhausted)} site(s), {needed} needed: {why}")]
 
+    if asynchronous:
+        return actions
     reports = tuple(statuses[s].report for s in done if statuses[s].report)  # type: ignore[misc]
     all_done = len(done) == len(state.sites)
     # Every site either answered or is out of attempts: nobody else will report.

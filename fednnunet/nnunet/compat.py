@@ -360,14 +360,23 @@ EPOCH_HOOKS = (
 )
 
 
-def run_epoch(trainer: Any, on_iteration: Callable[[int, int, int], None] | None = None) -> None:
-    """One epoch with the trainer's own hooks, in ``run_training``'s order (EPOCH_HOOKS)."""
+def run_epoch(
+    trainer: Any,
+    on_iteration: Callable[[int, int, int], None] | None = None,
+    lr_progress: float | None = None,
+) -> None:
+    """One epoch with the trainer's own hooks, in ``run_training``'s order (EPOCH_HOOKS).
+
+    ``lr_progress`` (asynchronous federation): the federation's progress in [0, 1] that
+    places nnU-Net's poly learning rate instead of the trainer's own epoch counter."""
     import torch
 
     t = trainer
     epoch = t.current_epoch
     t.on_epoch_start()
     t.on_train_epoch_start()
+    if lr_progress is not None:
+        set_poly_lr(t, min(max(lr_progress, 0.0), 1.0))
     train_outputs = []
     for i in range(t.num_iterations_per_epoch):
         train_outputs.append(t.train_step(next(t.dataloader_train)))
@@ -381,6 +390,16 @@ def run_epoch(trainer: Any, on_iteration: Callable[[int, int, int], None] | None
         ]
         t.on_validation_epoch_end(val_outputs)
     t.on_epoch_end()
+
+
+def set_poly_lr(trainer: Any, progress: float) -> None:
+    """nnU-Net's PolyLRScheduler at ``progress`` of its steps (and its logged lr)."""
+    scheduler = trainer.lr_scheduler
+    scheduler.step(progress * scheduler.max_steps)
+    # nnU-Net 2.8's MetaLogger keeps the lists in its local logger (older: itself).
+    lrs = getattr(trainer.logger, "local_logger", trainer.logger).my_fantastic_logging["lrs"]
+    if lrs:
+        lrs[-1] = trainer.optimizer.param_groups[0]["lr"]
 
 
 def _check_epoch_hooks() -> None:

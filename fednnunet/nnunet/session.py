@@ -277,11 +277,16 @@ class FederatedTrainingSession:
     # ---- training ------------------------------------------------------------------------
 
     def train_epochs(
-        self, n: int, on_iteration: Callable[[int, int, int], None] | None = None
+        self,
+        n: int,
+        on_iteration: Callable[[int, int, int], None] | None = None,
+        lr_progress: float | None = None,
     ) -> dict[str, float]:
         """Run ``n`` nnU-Net epochs with the trainer's hooks, in ``run_training``'s order.
 
         ``on_iteration(epoch, iteration, of_iterations)`` is called after each train step.
+        ``lr_progress`` (asynchronous federation): the federation's progress in [0, 1]
+        that places nnU-Net's poly learning rate instead of this trainer's own epoch.
         Returns the last epoch's metrics (non-finite values are left out).
         """
         t = self.trainer
@@ -289,13 +294,17 @@ class FederatedTrainingSession:
             raise FedError("training session already finished/closed")
         if n < 1:
             raise FedError(f"number of epochs must be >= 1, got {n}")
+        if lr_progress is not None:
+            # Async: the LR follows the federation's progress (scale-free in num_epochs),
+            # and a fast site may train more epochs than rounds x local_epochs.
+            t.num_epochs = max(t.num_epochs, t.current_epoch + n)
         if t.current_epoch + n > t.num_epochs:
             raise FedError(
                 f"{n} more epoch(s) after epoch {t.current_epoch} exceed total_epochs="
                 f"{t.num_epochs} (nnU-Net's poly LR schedule ends there)"
             )
         for _ in range(n):
-            compat.run_epoch(t, on_iteration)
+            compat.run_epoch(t, on_iteration, lr_progress=lr_progress)
         return self.last_metrics()
 
     def last_metrics(self) -> dict[str, float]:

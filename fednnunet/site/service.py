@@ -19,6 +19,7 @@ from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights, load_weights_file
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
+    async_closed_key,
     global_bucket,
     global_weights_key,
     site_artifact_key,
@@ -116,6 +117,7 @@ class SiteService:
             round=task.round,
             attempt=task.attempt,
             ok=ok,
+            base_version=task.base_version if task.phase == Phase.TRAIN else None,
             **fields,
         )
 
@@ -169,7 +171,11 @@ class SiteService:
         return session
 
     def _round_closed(self, task: SiteTask) -> bool:
-        """True when the coordinator already aggregated this round (the task is stale)."""
+        """True when the coordinator already aggregated this round (the task is stale);
+        async: when the train phase has ended."""
+        if task.options.mode == "async":
+            closed = async_closed_key(task.experiment_id)
+            return self.store.stat(self.global_bucket, closed) is not None
         key = global_weights_key(task.experiment_id, task.round)
         return self.store.stat(self.global_bucket, key) is not None
 
@@ -231,9 +237,19 @@ class SiteService:
             t_pull = time.perf_counter()
             loaded = self._load_global(task, session)
             t_train = time.perf_counter()
-            metrics = session.train_epochs(opts.local_epochs, on_iteration=self._on_iteration)
+            on_iteration = self._on_iteration
+            extra: dict[str, Any] = {}
+            if opts.mode == "async":
+                on_iteration = self._abandon_when_closed(task)
+                # nnU-Net's poly LR follows the federation's progress, not this site's.
+                extra["lr_progress"] = task.progress or 0.0
+            metrics = session.train_epochs(opts.local_epochs, on_iteration=on_iteration, **extra)
             # Local training time alone: the federation's overhead is the rest of the round.
             metrics["train_s"] = time.perf_counter() - t_train
+            slowdown = opts.simulate_slowdown.get(self.site_id, self.settings.slowdown)
+            if slowdown > 1:
+                self._simulate_slowdown(task, slowdown, metrics["train_s"])
+                metrics["slowdown_s"] = time.perf_counter() - t_train - metrics["train_s"]
             metrics["pull_s"] = t_train - t_pull
             metrics["layers_loaded"] = float(loaded)
             self._write_local_metrics(session, task.round, metrics)
@@ -258,6 +274,30 @@ class SiteService:
         if self.progress is not None:
             self.progress.progress(bytes_sent=len(data), metrics=metrics)
         return self._report(task, artifact=ref, num_cases=meta["num_cases"], metrics=metrics)
+
+    def _simulate_slowdown(self, task: SiteTask, factor: float, train_s: float) -> None:
+        """Simulation only: make this epoch take ``factor`` times its training time."""
+        until = time.monotonic() + (factor - 1) * train_s
+        check = self._abandon_when_closed(task) if task.options.mode == "async" else None
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 1.0))
+            if check is not None:
+                check(-1, 0, 0)
+
+    def _abandon_when_closed(self, task: SiteTask) -> Any:
+        """An iteration callback that also stops the epoch once the async phase closed
+        (looked up at most every 5 s: one S3 stat)."""
+        last = [time.monotonic()]
+
+        def on_iteration(epoch: int, iteration: int, of_iterations: int) -> None:
+            if epoch >= 0:
+                self._on_iteration(epoch, iteration, of_iterations)
+            if time.monotonic() - last[0] >= 5.0:
+                last[0] = time.monotonic()
+                if self._round_closed(task):
+                    raise PolicyRefusal("the asynchronous training has ended; epoch abandoned")
+
+        return on_iteration
 
     def _check_plans(self, task: SiteTask, session: Any) -> None:
         digest = self.backend.plans_sha256(session.plans)

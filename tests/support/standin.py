@@ -135,7 +135,10 @@ class StandInSession:
         return loaded
 
     def train_epochs(
-        self, n: int, on_iteration: Callable[[int, int, int], None] | None = None
+        self,
+        n: int,
+        on_iteration: Callable[[int, int, int], None] | None = None,
+        lr_progress: float | None = None,
     ) -> dict[str, float]:
         # The whole call takes sleep_s (or the nudging's own time, if longer): the
         # nudging stands in for training compute, so it is part of S, not overhead.
@@ -153,7 +156,8 @@ class StandInSession:
                 if on_iteration is not None:
                     on_iteration(self.epoch - 1, i + 1, steps)
         loss = 1.0 / (1 + self.epoch)
-        return {
+        extra = {} if lr_progress is None else {"lr_progress": lr_progress}
+        return extra | {
             "train_loss": loss,
             "val_loss": loss * 1.1,
             "pseudo_dice": 1 - loss,
