@@ -82,6 +82,19 @@ def run_experiment(settings, fed, sites: dict[str, int], mode: str, params: dict
     }
 
 
+def make_nnunet_dirs(root: Path) -> dict[str, str]:
+    """nnU-Net's three folders under ``root`` (raw, pre, results) as its variables."""
+    env = {}
+    for var, sub in (
+        ("nnUNet_raw", "raw"),
+        ("nnUNet_preprocessed", "pre"),
+        ("nnUNet_results", "results"),
+    ):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        env[var] = str(root / sub)
+    return env
+
+
 def _val_cases(env: dict[str, str], dataset_id: int) -> tuple[Path, list[str]]:
     pre = next(Path(env["nnUNet_preprocessed"]).glob(f"Dataset{dataset_id}_*"))
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id}_*"))
@@ -169,7 +182,6 @@ class GlobalEvaluator:
 
 
 def run(quick: bool = False) -> BenchResult:
-    from fednnunet.nnunet.env import make_nnunet_dirs
 
     from fednnunet.adapters.s3_store import ArtifactStore
     from fednnunet.adapters.weights_codec import decode_weights

@@ -54,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from fednnunet.nnunet.env import make_nnunet_dirs
 
     from fednnunet.cli.simulate import LocalFederation
     from fednnunet.nnunet.demo_data import make_demo_federation
     from fednnunet.settings import get_settings
 
     p7 = importlib.import_module("bench.async")
+    make_nnunet_dirs = p7.make_nnunet_dirs
     if args.dry_run:
         device, shape, iterations, rounds, val_it = "cpu", (16, 32, 32), 2, 2, 1
     else:

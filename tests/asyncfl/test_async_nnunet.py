@@ -10,11 +10,11 @@ import secrets
 from pathlib import Path
 
 import pytest
-from fednnunet.nnunet.env import make_nnunet_dirs
 
 from fednnunet.cli.simulate import LocalFederation, submit, wait_for
 from fednnunet.nnunet.demo_data import make_demo_federation
 from fednnunet.spec import parse_spec
+from tests.support.nnunet_dirs import make_nnunet_dirs
 
 pytestmark = [pytest.mark.integration, pytest.mark.nnunet]
 _RUN = secrets.token_hex(2)
