@@ -149,6 +149,9 @@ def test_two_round_experiment_across_containers(stack):
     assert sorted(st["final_metrics"]) == SITES
     for site, m in st["final_metrics"].items():
         assert 0.0 <= m["mean_dice"] <= 1.0, (site, m)
+    for name in ("coordinator", *[f"site-{x}" for x in SITES]):  # scoped S3 identities
+        logs = stack("logs", "--no-color", name).stdout
+        assert "AccessDenied" not in logs, (name, logs[-3000:])
     dice = {s: round(m["mean_dice"], 3) for s, m in st["final_metrics"].items()}
     print(f"2-round experiment in {wall:.0f} s, Dice {dice}")
 
@@ -184,6 +187,9 @@ def code(fn):
 key = os.environ["PROBE_KEY"]
 out["list_902"] = code(lambda: list(c.list_objects("fednnunet-site-902", recursive=True)))
 out["get_902"] = code(lambda: c.get_object("fednnunet-site-902", key).read())
+coord_key = os.environ["PROBE_COORD_KEY"]
+out["list_coord"] = code(lambda: list(c.list_objects("fednnunet-coordinator", recursive=True)))
+out["get_coord"] = code(lambda: c.get_object("fednnunet-coordinator", coord_key).read())
 out["list_own"] = code(lambda: list(c.list_objects("fednnunet-site-901", recursive=True)))
 for host, port in (("redis", 6379), ("site-902", 80), ("coordinator", 80), ("s3", 8888),
                    ("s3", 9333), ("s3", 8333)):
@@ -207,16 +213,19 @@ def test_site_cannot_reach_other_sites_data(stack):
         ).stdout  # fmt: skip
     )
     assert [m.get("Name") for m in mounts] == [f"{stack.project}_site-901-data"]
-    keys = stack.python_in(
+    keys = stack.python_in(  # with the coordinator's own (scoped) identity
         "coordinator",
         "import json\nfrom minio import Minio\nfrom fednnunet.settings import get_settings\n"
         "s=get_settings()\nc=Minio(s.s3_endpoint,access_key=s.s3_access_key,"
         "secret_key=s.s3_secret_key,secure=False,region=s.s3_region)\n"
-        "print(json.dumps([o.object_name for o in "
-        "c.list_objects('fednnunet-site-902',recursive=True)]))",
+        "print(json.dumps({b: [o.object_name for o in c.list_objects(b, recursive=True)]"
+        " for b in ('fednnunet-site-902', 'fednnunet-coordinator')}))",
     )
-    assert keys, "site-902 uploaded nothing (run the experiment test first)"
-    code = ISOLATION_PROBE.replace('os.environ["PROBE_KEY"]', repr(keys[0]))
+    assert keys["fednnunet-site-902"], "site-902 uploaded nothing (run the experiment test first)"
+    assert keys["fednnunet-coordinator"], "no round history in the coordinator bucket"
+    code = ISOLATION_PROBE.replace(
+        'os.environ["PROBE_KEY"]', repr(keys["fednnunet-site-902"][0])
+    ).replace('os.environ["PROBE_COORD_KEY"]', repr(keys["fednnunet-coordinator"][0]))
     out = stack.python_in("site-901", code)
     print(json.dumps(out))
     assert out["raw"] == [d for d in out["raw"] if d.startswith("Dataset901_")] and out["raw"]
@@ -224,6 +233,8 @@ def test_site_cannot_reach_other_sites_data(stack):
     assert out["site.901"] == "ok"
     assert out["site.902"] == 403 and out["coordinator"] == 403  # ACCESS_REFUSED
     assert out["list_902"] == "AccessDenied" and out["get_902"] == "AccessDenied"
+    # the coordinator bucket (every site's history, journal, plots) is not for sites
+    assert out["list_coord"] == "AccessDenied" and out["get_coord"] == "AccessDenied"
     assert out["list_own"] == "ok"
     assert out["s3:8333"] == "open"
     for target in ("redis:6379", "site-902:80", "coordinator:80", "s3:8888", "s3:9333"):
