@@ -52,7 +52,7 @@ def coordinator_main(stats_path: str, tick_s: float) -> None:
 
     from fednnunet.adapters.s3_store import ArtifactStore
     from fednnunet.coordinator.service import Coordinator
-    from fednnunet.keys import PHASE_HISTORY
+    from fednnunet.keys import HISTORY
     from fednnunet.settings import get_settings
     from fednnunet.workers.coordinator_worker import run_coordinator
 
@@ -77,7 +77,7 @@ def coordinator_main(stats_path: str, tick_s: float) -> None:
 
     redis.connection.Connection.send_packed_command = counted_send
 
-    history_dir = f"/{PHASE_HISTORY}/"
+    history_dir = f"/{HISTORY}/"
 
     def watch_history(name: str, key_of) -> None:  # noqa: ANN001
         original = getattr(ArtifactStore, name)
