@@ -34,7 +34,7 @@ SLOW_DATASET = 903
 SLOWDOWN = 3.0
 
 
-def run_experiment(settings, fed, sites: dict[str, int], mode: str, params: dict, **extra) -> dict:
+def run_experiment(settings, fed, sites: dict[str, int], label: str, params: dict, **extra) -> dict:
     """Run one experiment on the running federation: its state, walls, idle fractions."""
     from fednnunet.cli.simulate import submit, wait_for
     from fednnunet.cli.view import time_use
@@ -43,7 +43,7 @@ def run_experiment(settings, fed, sites: dict[str, int], mode: str, params: dict
     slow = next((s for s, d in sites.items() if d == SLOW_DATASET), None)
     spec = parse_spec(
         {
-            "experiment_id": f"p7-{mode}-{time.strftime('%H%M%S')}",
+            "experiment_id": f"p7-{label}-{time.strftime('%H%M%S')}",
             "sites": list(sites),
             "method": "ffe",
             "configuration": "2d",
@@ -65,7 +65,7 @@ def run_experiment(settings, fed, sites: dict[str, int], mode: str, params: dict
 
     state = wait_for(settings, spec.experiment_id, 3600, on_update=on_update)
     if state.phase != "done":
-        raise RuntimeError(f"{mode} run ended {state.phase}: {state.error}")
+        raise RuntimeError(f"{label} run ended {state.phase}: {state.error}")
     train_start = marks.get("train", t0)
     train_end = marks.get("validate", time.time())
     if state.asynchronous is not None:
@@ -318,8 +318,10 @@ def run(quick: bool = False) -> BenchResult:
 
 
 if __name__ == "__main__":
+    import sys
+
     from bench.common import print_result, write_json
 
-    result = run()
+    result = run(quick="--quick" in sys.argv)
     print_result(result)
     print(write_json(result))
