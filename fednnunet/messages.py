@@ -151,6 +151,12 @@ class ExperimentOptions(BaseModel):
     max_wall_s: float | None = Field(default=None, gt=0)  # async: end after this long
     # Simulation only (benchmarks, demos): site -> k, its local epochs take k times longer.
     simulate_slowdown: dict[str, float] = Field(default_factory=dict, max_length=1000)
+    # Every k rounds, also nnU-Net's full sliding-window validation of the incoming
+    # global at each site (0: off; the pseudo-Dice of every round is always there).
+    eval_every: int = Field(default=0, ge=0, le=100_000)
+    # After the last round, each site fine-tunes the final global this many epochs into
+    # a separate trainer folder ``<trainer>_finetuned`` (0: off).
+    finetune_epochs: int = Field(default=0, ge=0, le=1000)
 
     @field_validator("configuration")
     @classmethod
@@ -221,6 +227,9 @@ class SiteTask(BaseModel):
     # (site-epochs consumed / target) that sets nnU-Net's poly learning rate.
     base_version: int | None = Field(default=None, ge=0)
     progress: float | None = Field(default=None, ge=0, le=1)
+    # Validate: the global with the best EMA of federated Dice (checkpoint_best.pth).
+    best_weights: ArtifactRef | None = None
+    best_dice_ema: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
 
 class SiteReport(BaseModel):

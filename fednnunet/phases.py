@@ -19,13 +19,16 @@ class _Name(str, Enum):
 class Phase(_Name):
     """A phase in which the sites work, in the order an experiment runs them.
 
-    FFE runs all four; asym starts at PLAN. A member equals its string (``Phase.TRAIN ==
-    "train"``), which is what messages, keys and stored states carry.
+    FFE runs all five; asym starts at PLAN. EVALUATE scores the last global model at every
+    site (federated evaluation) so the best global is known before VALIDATE. A member
+    equals its string (``Phase.TRAIN == "train"``), which is what messages, keys and stored
+    states carry.
     """
 
     FINGERPRINT = "fingerprint"
     PLAN = "plan"
     TRAIN = "train"
+    EVALUATE = "evaluate"
     VALIDATE = "validate"
 
 

@@ -63,6 +63,7 @@ SITE_TASKS = {
     Phase.FINGERPRINT: "fednnunet.site.extract_fingerprint",
     Phase.PLAN: "fednnunet.site.plan_and_preprocess",
     Phase.TRAIN: "fednnunet.site.train_round",
+    Phase.EVALUATE: "fednnunet.site.evaluate_global",
     Phase.VALIDATE: "fednnunet.site.validate",
 }
 REPORT_TASK = "fednnunet.coordinator.site_report"

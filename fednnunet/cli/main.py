@@ -346,8 +346,14 @@ def experiment_list(redis_url: str = RedisOpt) -> None:
 def demo_data(
     raw: Path = typer.Option(None, "--raw", help="nnUNet_raw folder (default: $nnUNet_raw)"),
     dataset_ids: str = typer.Option("901 902 903", "--datasets"),
-    cases: int = typer.Option(8, "--cases"),
+    cases: int = typer.Option(None, "--cases", help="cases per site (default 8)"),
     seed: int = typer.Option(0, "--seed"),
+    hard: bool = typer.Option(
+        False,
+        "--hard",
+        help="the harder federation of the quality benchmark: sites of 6/12/9 cases with "
+        "clearly different intensity, contrast, noise, slice spacing and class balance",
+    ),
 ) -> None:
     """Write synthetic multi-site nnU-Net raw datasets (per-site spacing, intensity, noise)."""
     from fednnunet.nnunet.demo_data import make_demo_federation
@@ -355,8 +361,14 @@ def demo_data(
     root = raw or (Path(os.environ["nnUNet_raw"]) if os.environ.get("nnUNet_raw") else None)
     if root is None:
         raise FedError("give --raw or set nnUNet_raw")
+    if hard and cases is not None:
+        raise FedError("--cases does not apply with --hard: each hard site has its own size")
     paths = make_demo_federation(
-        root, [int(x) for x in dataset_ids.split()], num_cases=cases, seed=seed
+        root,
+        [int(x) for x in dataset_ids.split()],
+        num_cases=8 if cases is None else cases,
+        seed=seed,
+        hard=hard,
     )
     for p in paths:
         console.print(f"wrote {p}")

@@ -11,6 +11,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from fednnunet.core.global_eval import GLOBAL_PSEUDO_DICE
 from fednnunet.core.state_machine import ExperimentState, RoundRecord
 from fednnunet.phases import TERMINAL, Outcome, Phase
 
@@ -65,9 +66,26 @@ def status_dict(
                 "aggregation_s": round(r.aggregation_s, 3),
                 "wall_s": round(r.closed_at - r.opened_at, 3),
                 "overhead_s": None if r.overhead_s() is None else round(r.overhead_s(), 3),
+                # Federated evaluation of the global this round started from.
+                "global_model": {
+                    "of_round": r.round - 1,
+                    "dice": r.global_dice,
+                    "dice_ema": r.global_dice_ema,
+                    "sites": _global_scores(r.metrics),
+                },
             }
             for r in history
         ],
+        "global_model": {
+            "dice_ema": state.global_dice_ema,
+            "best_round": state.best_global_round,
+            "best_dice_ema": state.best_global_dice_ema,
+            "final": {
+                "of_round": state.rounds_closed,
+                "dice": state.final_global_dice,
+                "sites": _global_scores(state.final_global_eval),
+            },
+        },
         "final_metrics": state.final_metrics,
         "mode": state.options.mode,
         "time_use": time_use(state, now),
@@ -129,6 +147,39 @@ def async_dict(state: ExperimentState) -> dict[str, Any] | None:
     }
 
 
+def _global_scores(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Site -> its pseudo-Dice of the global model (sites that reported one)."""
+    return {s: m[GLOBAL_PSEUDO_DICE] for s, m in metrics.items() if GLOBAL_PSEUDO_DICE in m}
+
+
+def latest_global_score(state: ExperimentState, site: str) -> float | None:
+    """The most recent score of a global model at ``site`` (evaluate phase, else rounds)."""
+    if site in state.final_global_eval:
+        return state.final_global_eval[site].get(GLOBAL_PSEUDO_DICE)
+    st = state.sites_status.get(site)
+    if st is not None and st.report is not None and GLOBAL_PSEUDO_DICE in st.report.metrics:
+        return st.report.metrics[GLOBAL_PSEUDO_DICE]
+    if state.last_round is not None:
+        return state.last_round.metrics.get(site, {}).get(GLOBAL_PSEUDO_DICE)
+    return None
+
+
+def global_model_line(state: ExperimentState) -> str | None:
+    """One line on the global model's federated evaluation, or None before the first."""
+    if state.final_global_dice is not None:
+        of_round, dice = state.rounds_closed, state.final_global_dice
+    elif state.last_round is not None and state.last_round.global_dice is not None:
+        of_round, dice = state.last_round.round - 1, state.last_round.global_dice
+    else:
+        return None
+    line = f"global model after round {of_round}: pseudo-Dice {dice:.3f} (case-weighted)"
+    if state.global_dice_ema is not None:
+        line += f", EMA {state.global_dice_ema:.3f}"
+    if state.best_global_round is not None and state.best_global_dice_ema is not None:
+        line += f"; best: round {state.best_global_round} (EMA {state.best_global_dice_ema:.3f})"
+    return line
+
+
 def eta_seconds(state: ExperimentState, now: float) -> float | None:
     if state.phase != Phase.TRAIN or not state.rounds_closed or state.train_started_at is None:
         return None
@@ -157,8 +208,10 @@ COLUMN_PRIORITY = {
     "Dice": 1,
     "local-only Dice": 1,
     "progress": 2,
+    "fine-tuned Dice": 1,
     "loss": 3,
     "pseudo-Dice": 3,
+    "global pseudo-Dice": 3,
     "try": 4,
     "MB moved": 5,
     "heartbeat": 6,
@@ -257,14 +310,15 @@ def render(
     )
     parts: list[Any] = [head]
     asyncp = state.asynchronous
-    if asyncp is not None and state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE):
+    shows_rounds = (Phase.TRAIN, Phase.EVALUATE, Phase.VALIDATE, Outcome.DONE)
+    if asyncp is not None and state.phase in shows_rounds:
         bar = Table.grid(padding=(0, 2))
         bar.add_row(
             Text(round_summary(state)),
             ProgressBar(total=asyncp.target_epochs, completed=asyncp.consumed_epochs, width=40),
         )
         parts.append(bar)
-    elif state.phase in (Phase.TRAIN, Phase.VALIDATE, Outcome.DONE) and state.options.rounds:
+    elif state.phase in shows_rounds and state.options.rounds:
         eta = info["eta_s"]
         # One grid row: a bare ProgressBar ends no line, and the table's top border
         # would be drawn on the bar's line.
@@ -275,7 +329,9 @@ def render(
         )
         parts.append(bar)
     has_local = any("local_mean_dice" in m for m in state.final_metrics.values())
-    columns = ["site", "state", "try", "progress", "loss", "pseudo-Dice", "Dice"]
+    has_tuned = any("finetuned_mean_dice" in m for m in state.final_metrics.values())
+    columns = ["site", "state", "try", "progress", "loss", "pseudo-Dice", "global pseudo-Dice"]
+    columns += ["Dice"] + (["fine-tuned Dice"] if has_tuned else [])
     columns += ["local-only Dice"] if has_local else []
     if asyncp is not None:
         columns += ["epochs", "staleness", "idle"]
@@ -292,6 +348,7 @@ def render(
         hb = row["last_heartbeat_s_ago"]
         final = state.final_metrics.get(site) or {}
         local = final.get("local_mean_dice")
+        gdice = latest_global_score(state, site)
         cells = [
             site,
             Text(row["state"], style=_STATE_STYLE.get(row["state"], "")),
@@ -299,8 +356,12 @@ def render(
             _position(row["state"], prog),
             f"{loss:.4f}" if isinstance(loss, float) else "",
             f"{pdice:.3f}" if isinstance(pdice, float) else "",
+            f"{gdice:.3f}" if isinstance(gdice, float) else "",
             f"{dice:.3f}" if isinstance(dice, float) else "",
         ]
+        if has_tuned:
+            tuned = final.get("finetuned_mean_dice")
+            cells.append(f"{tuned:.3f}" if isinstance(tuned, float) else "n/a")
         if has_local:
             cells.append(f"{local:.3f}" if isinstance(local, float) else "n/a")
         if asyncp is not None:
@@ -317,6 +378,9 @@ def render(
         rows = [[c for col, c in zip(columns, r, strict=True) if col != "progress"] for r in rows]
         columns.remove("progress")
     parts.append(SiteTable(columns, rows))
+    line = global_model_line(state)
+    if line is not None:
+        parts.append(Text(line))
     if state.error:
         parts.append(Text(f"error: {state.error}", style="bold red"))
     return Group(*parts)

@@ -363,6 +363,8 @@ class Coordinator:
                     failure = sm.apply_plans_checked(state, now)
                     if failure is not None:
                         sm.apply_failed(state, failure.reason, now)
+                elif state.phase == Phase.EVALUATE and sm.phase_complete(state, now):
+                    sm.apply_evaluated(state, now)
                 elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
                     sm.apply_validated(state, now)
                     self._write_final(state)
@@ -438,13 +440,16 @@ class Coordinator:
         strategy = state.options.strategy
         if action.phase == Phase.PLAN and strategy.federated_fingerprint:
             task.merged_fingerprint = state.merged_fingerprint
-        if action.phase in (Phase.TRAIN, Phase.VALIDATE):
+        if action.phase in (Phase.TRAIN, Phase.EVALUATE, Phase.VALIDATE):
             task.global_weights = state.global_weights
             task.plans_sha256 = strategy.expected_plans(state.plans_sha256)
         prog = state.asynchronous
         if action.phase == Phase.TRAIN and prog is not None:
             task.base_version = prog.version
             task.progress = min(1.0, prog.consumed_epochs / prog.target_epochs)
+        if action.phase == Phase.VALIDATE:
+            task.best_weights = state.best_global
+            task.best_dice_ema = state.best_global_dice_ema
         return task
 
     def _apply_buffer(self, state: sm.ExperimentState, action: asy.ApplyBuffer, now: float) -> None:
@@ -601,6 +606,11 @@ class Coordinator:
             "global_weights": state.global_weights.model_dump(),
             "final_metrics": state.final_metrics,
             "final_missing": state.final_missing,
+            "final_global_eval": state.final_global_eval,
+            "final_global_dice": state.final_global_dice,
+            "best_global": state.best_global.model_dump() if state.best_global else None,
+            "best_global_round": state.best_global_round,
+            "best_global_dice_ema": state.best_global_dice_ema,
             "rounds": [r.model_dump() for r in history],
         }
         key = final_summary_key(state.experiment_id)

@@ -7,9 +7,13 @@ started coordinator, or one that lost a message, reaches the same decision.
 
 Phases::
 
-    ffe : fingerprint -> plan -> train(1..R) -> validate -> done
-    asym:                plan -> train(1..R) -> validate -> done
+    ffe : fingerprint -> plan -> train(1..R) -> evaluate -> validate -> done
+    asym:                plan -> train(1..R) -> evaluate -> validate -> done
     any : -> failed | cancelled
+
+Every train round starts with each site scoring the global it received (federated
+evaluation); ``evaluate`` scores the last global the same way, so that the best global
+by nnU-Net's EMA rule is known before ``validate`` writes each site's checkpoints.
 
 Per site, per phase/round: pending -> queued -> running -> done | failed | late
 """
@@ -22,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from fednnunet.core import async_rounds as asy
+from fednnunet.core.global_eval import case_weighted_dice, is_new_best, next_ema
 from fednnunet.messages import ArtifactRef, ExperimentOptions, Metrics, ShortText, SiteReport
 from fednnunet.phases import TERMINAL, ExperimentPhase, Outcome, Phase
 
@@ -56,6 +61,10 @@ class RoundRecord(BaseModel):
     aggregation_s: float = 0.0
     # Async versions: each applied update (site, epoch, base_version, staleness, weight).
     updates: list[dict[str, Any]] = Field(default_factory=list)
+    # The previous round's global model as the participants scored it before training
+    # (case-weighted pseudo-Dice) and nnU-Net's EMA of that series so far.
+    global_dice: float | None = None
+    global_dice_ema: float | None = None
 
     def overhead_s(self) -> float | None:
         """Round wall time not spent in the slowest participant's local training."""
@@ -102,6 +111,15 @@ class ExperimentState(BaseModel):
     # Read side only, never saved with the state: filled by
     # RedisState.load(..., with_history=True) for reports, tests and plots.
     history: list[RoundRecord] = Field(default_factory=list, exclude=True)
+    # Federated evaluation: EMA of the case-weighted global-model pseudo-Dice, and the
+    # global with the best EMA (every site's checkpoint_best.pth).
+    global_dice_ema: float | None = None
+    best_global: ArtifactRef | None = None
+    best_global_round: int | None = None
+    best_global_dice_ema: float | None = None
+    # The last global as each site scored it in the evaluate phase, and case-weighted.
+    final_global_eval: dict[str, Metrics] = Field(default_factory=dict)
+    final_global_dice: float | None = None
     final_metrics: dict[str, Metrics] = Field(default_factory=dict)
     # Site -> metric -> why it has no value (e.g. nnU-Net's NaN Dice for an absent label).
     final_missing: dict[str, dict[str, str]] = Field(default_factory=dict)
@@ -358,10 +376,42 @@ def apply_plans_checked(state: ExperimentState, now: float) -> Fail | None:
     return None
 
 
+def _score_global(
+    state: ExperimentState,
+    global_round: int,
+    ref: ArtifactRef | None,
+    metrics: dict[str, dict[str, float]],
+    sites: list[str],
+    cases: dict[str, int],
+) -> tuple[float | None, float | None]:
+    """Fold one global model's federated evaluation into the EMA; track the best global.
+
+    A global without an object (round 0 without pretrained weights) updates the EMA but
+    cannot become the best: there is nothing to hand the sites.
+    """
+    dice = case_weighted_dice(metrics, cases, sites)
+    if dice is None:
+        return None, None
+    state.global_dice_ema = next_ema(state.global_dice_ema, dice)
+    if ref is not None and is_new_best(state.best_global_dice_ema, state.global_dice_ema):
+        state.best_global, state.best_global_round = ref, global_round
+        state.best_global_dice_ema = state.global_dice_ema
+    return dice, state.global_dice_ema
+
+
 def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) -> None:
     if state.phase != Phase.TRAIN or record.round != state.round:
         return
     record.closed_at = now
+    # The participants scored the previous global (the one this round started from).
+    record.global_dice, record.global_dice_ema = _score_global(
+        state,
+        record.round - 1,
+        state.global_weights,
+        record.metrics,
+        record.participants,
+        record.num_cases,
+    )
     state.last_round = record
     state.rounds_closed = record.round
     if state.train_started_at is None or record.round == 1:
@@ -370,7 +420,26 @@ def apply_aggregated(state: ExperimentState, record: RoundRecord, now: float) ->
     if state.round < state.options.rounds:
         _open_phase(state, Phase.TRAIN, state.round + 1, now)
     else:
-        _open_phase(state, Phase.VALIDATE, 0, now)
+        _open_phase(state, Phase.EVALUATE, 0, now)
+
+
+def apply_evaluated(state: ExperimentState, now: float) -> None:
+    """The last global's scores are in: the best global is final; validation follows."""
+    reports = {s: st.report for s, st in state.sites_status.items() if st.report}
+    state.final_global_eval = {s: dict(r.metrics) for s, r in reports.items()}
+    last_round = state.rounds_closed
+    state.final_global_dice, _ = _score_global(
+        state,
+        last_round,
+        state.global_weights,
+        state.final_global_eval,
+        list(reports),
+        state.declared_cases or {s: r.num_cases for s, r in reports.items()},
+    )
+    if state.best_global is None and state.global_weights is not None:
+        # No global was ever scored: nnU-Net's rule (no best yet) keeps the last one.
+        state.best_global, state.best_global_round = state.global_weights, last_round
+    _open_phase(state, Phase.VALIDATE, 0, now)
 
 
 def apply_async_closed(state: ExperimentState, reason: str, now: float) -> None:
@@ -500,7 +569,7 @@ def next_actions(
     if state.phase == Phase.TRAIN and closing:
         late = tuple(s for s in state.sites if s not in done)
         return [Aggregate(state.round, reports, late)]
-    if state.phase == Phase.VALIDATE and closing:
+    if state.phase in (Phase.EVALUATE, Phase.VALIDATE) and closing:
         return []
     return actions
 
@@ -515,13 +584,13 @@ def _exhausted(state: ExperimentState) -> list[str]:
 
 
 def phase_complete(state: ExperimentState, now: float) -> bool:
-    """Plan/validate phases close without an action of their own (see next_actions)."""
-    if state.phase not in (Phase.PLAN, Phase.VALIDATE):
+    """Plan/evaluate/validate phases close without an action of their own (next_actions)."""
+    if state.phase not in (Phase.PLAN, Phase.EVALUATE, Phase.VALIDATE):
         return False
     done = sum(st.state == "done" for st in state.sites_status.values())
     if done == len(state.sites):
         return True
-    if state.phase != Phase.VALIDATE or done < state.quorum:
+    if state.phase == Phase.PLAN or done < state.quorum:
         return False
     deadline_passed = (
         state.options.round_deadline_s is not None

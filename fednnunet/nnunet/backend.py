@@ -73,8 +73,12 @@ class NnunetBackend:
 
         return plans_sha256(plans)
 
-    def session(self, dataset_id: int, options: ExperimentOptions, run_id: str) -> Any:
-        """The training session of one experiment (``FederatedTrainingSession``)."""
+    def session(
+        self, dataset_id: int, options: ExperimentOptions, run_id: str, **more: Any
+    ) -> Any:
+        """The training session of one experiment (``FederatedTrainingSession``); ``more``:
+        its ``trainer_folder`` and ``lr_scale`` (a fine-tuned model beside the federated one).
+        """
         from fednnunet.nnunet.session import FederatedTrainingSession
 
         da = self.settings.da_processes
@@ -84,6 +88,7 @@ class NnunetBackend:
             torch_threads=self.settings.torch_threads or None,
             da_processes=None if da < 0 else da,
             run_id=run_id,
+            **more,
         )
 
 

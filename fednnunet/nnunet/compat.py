@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import multiprocessing
 import os
 import re
@@ -566,6 +567,167 @@ def _check_default_processes() -> None:
     )
 
 
+# ---------------------------------------------------------------- federated evaluation
+# What on_validation_epoch_end logs (2.8): the pseudo-Dice, per class, and the loss.
+VALIDATION_LOGGED = ("mean_fg_dice", "dice_per_class_or_region", "val_losses")
+
+
+class _ScratchLog:
+    """Takes the trainer logger's place: what the hooks log lands here, nowhere else
+    (not the training log, its EMA, or an external logger)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def log(self, key: str, value: Any, step: int) -> None:  # noqa: ARG002 - nnU-Net's API
+        self.values[key] = value
+
+    def log_summary(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
+@contextlib.contextmanager
+def scratch_logger(trainer: Any) -> Iterator[dict[str, Any]]:
+    """Swap the trainer's logger for a scratch one; yields what gets logged meanwhile."""
+    scratch = _ScratchLog()
+    old, trainer.logger = trainer.logger, scratch
+    try:
+        yield scratch.values
+    finally:
+        trainer.logger = old
+
+
+def score_current_weights(trainer: Any) -> dict[str, Any]:
+    """The trainer's own validation hooks on its current weights: ``validation_step`` on
+    ``num_val_iterations_per_epoch`` batches, then ``on_validation_epoch_end``, logged to
+    a scratch log. Returns VALIDATION_LOGGED's values (pseudo-Dice, per class, loss)."""
+    import torch
+
+    with torch.no_grad(), scratch_logger(trainer) as logged:
+        trainer.on_validation_epoch_start()
+        outputs = [
+            trainer.validation_step(next(trainer.dataloader_val))
+            for _ in range(trainer.num_val_iterations_per_epoch)
+        ]
+        trainer.on_validation_epoch_end(outputs)
+    return {k: logged.get(k) for k in VALIDATION_LOGGED}
+
+
+def _check_validation_logging() -> None:
+    source = _source(_trainer_class().on_validation_epoch_end)
+    for key in VALIDATION_LOGGED:
+        _expect(
+            f"self.logger.log('{key}'" in source or f'self.logger.log("{key}"' in source,
+            f"nnUNetTrainer.on_validation_epoch_end logs {key}",
+            "the pseudo-Dice is no longer logged this way",
+        )
+
+
+def foreground_class_names(trainer: Any) -> list[str]:
+    """The foreground labels (or regions), in the order of the per-class pseudo-Dice."""
+    lm = trainer.label_manager
+    if lm.has_regions:
+        return [f"region{i + 1}" for i in range(len(lm.foreground_regions))]
+    return [str(label) for label in lm.foreground_labels]
+
+
+def validate_into(trainer: Any, folder: Path) -> Path:
+    """nnU-Net's full validation of the current weights written to ``folder/validation``
+    (nnU-Net writes ``<output_folder>/validation``: the output folder is pointed there
+    for the call; the trainer's log sees nothing). Returns the summary.json path."""
+    original = trainer.output_folder
+    trainer.output_folder = str(folder)
+    try:
+        with scratch_logger(trainer):
+            trainer.perform_actual_validation(False)
+    finally:
+        trainer.output_folder = original
+    return Path(folder) / "validation" / "summary.json"
+
+
+def _check_validation_folder() -> None:
+    _expect(
+        "join(self.output_folder, 'validation')"
+        in _source(_trainer_class().perform_actual_validation),
+        "nnUNetTrainer.perform_actual_validation output folder",
+        "validation is no longer written to <output_folder>/validation",
+    )
+
+
+def never_save_local_best(trainer: Any) -> None:
+    """nnU-Net's on_epoch_end saves checkpoint_best.pth when its *local* EMA beats
+    ``_best_ema``; with an infinite best it never does (the federation's best global is
+    written instead)."""
+    trainer._best_ema = math.inf
+
+
+def save_best_checkpoint(trainer: Any, path: Path, best_ema: float | None) -> None:
+    """The trainer's checkpoint, between epochs, recording ``best_ema`` as its best EMA."""
+    previous, trainer._best_ema = trainer._best_ema, best_ema
+    try:
+        save_checkpoint_between_epochs(trainer, path)
+    finally:
+        trainer._best_ema = previous
+
+
+def _check_best_rule() -> None:
+    cls = _trainer_class()
+    _expect(
+        "self._best_ema is None or" in _source(cls.on_epoch_end),
+        "nnUNetTrainer.on_epoch_end _best_ema",
+        "checkpoint_best.pth is no longer decided by _best_ema",
+    )
+    _expect(
+        "'_best_ema': self._best_ema" in _source(cls.save_checkpoint),
+        "nnUNetTrainer.save_checkpoint _best_ema",
+        "checkpoints no longer record the best EMA",
+    )
+
+
+def renamed_trainer_class(base: type, name: str) -> type:
+    """``base`` under another name, for another results folder: nnU-Net derives
+    ``<name>__<plans>__<configuration>`` from the class name; the checkpoints still name
+    ``base``, the class nnU-Net's predictor finds and builds the network with."""
+
+    def save_checkpoint(self: Any, filename: str) -> None:
+        cls = type(self)
+        cls.__name__ = base.__name__
+        try:
+            base.save_checkpoint(self, filename)
+        finally:
+            cls.__name__ = name
+
+    return type(name, (base,), {"__module__": base.__module__, "save_checkpoint": save_checkpoint})
+
+
+def _check_class_named_folder() -> None:
+    cls = _trainer_class()
+    _expect(
+        "self.__class__.__name__ + '__'" in _source(cls.__init__),
+        "nnUNetTrainer.__init__ output_folder_base",
+        "the results folder is no longer named after the trainer class",
+    )
+    _expect(
+        "'trainer_name': self.__class__.__name__" in _source(cls.save_checkpoint),
+        "nnUNetTrainer.save_checkpoint trainer_name",
+        "checkpoints no longer name the trainer class",
+    )
+
+
+def scale_initial_lr(trainer: Any, factor: float) -> None:
+    """Multiply the learning rate the optimizer starts from (before ``initialize``)."""
+    trainer.initial_lr *= factor
+
+
+def _check_initial_lr() -> None:
+    cls = _trainer_class()
+    _expect(
+        "self.initial_lr" in _source(cls.configure_optimizers),
+        "nnUNetTrainer.configure_optimizers initial_lr",
+        "the optimizer no longer starts from initial_lr",
+    )
+
+
 # Name -> check: every internal above. Each check raises IncompatibleNnunet naming it.
 INTERNALS: dict[str, Callable[[], None]] = {
     "nnunetv2.paths (read at each use)": _check_lazy_paths,
@@ -579,6 +741,11 @@ INTERNALS: dict[str, Callable[[], None]] = {
     "default_num_processes": _check_default_processes,
     "do_split's seeded 5-fold split": _check_crossval_split,
     "checkpoint network_weights": _check_checkpoint_weights,
+    "on_validation_epoch_end logging": _check_validation_logging,
+    "perform_actual_validation folder": _check_validation_folder,
+    "_best_ema rule": _check_best_rule,
+    "results folder named after the trainer class": _check_class_named_folder,
+    "initial_lr": _check_initial_lr,
 }
 
 

@@ -118,6 +118,8 @@ class FederatedTrainingSession:
         da_processes: int | None = None,
         compile_network: bool = False,
         run_id: str | None = None,
+        trainer_folder: str | None = None,
+        lr_scale: float = 1.0,
     ) -> None:
         """Build (or resume) the trainer; ``run_id`` guards against resuming another run's files.
 
@@ -125,6 +127,9 @@ class FederatedTrainingSession:
         local_epochs`` epochs in all). ``da_processes`` sets ``nnUNet_n_proc_DA`` only while
         the data loaders are built (0: augmentation in this process). ``torch_threads``
         caps intra-op threads so that several sites on one machine do not oversubscribe it.
+        ``trainer_folder``: results under ``<trainer_folder>__<plans>__<configuration>``
+        instead of the trainer's own name (a fine-tuned model beside the federated one);
+        ``lr_scale`` multiplies the trainer's initial learning rate.
         """
         compat.require_tested_nnunet()
         _check_device(options.device)
@@ -134,6 +139,10 @@ class FederatedTrainingSession:
         self.run_id = run_id
         plans, dataset_json, dataset_name = _load_plans(dataset_id, options)
         trainer_cls = resolve_trainer_class(options.trainer)
+        if trainer_folder is not None:
+            trainer_cls = compat.renamed_trainer_class(trainer_cls, trainer_folder)
+        if not 0 < lr_scale <= 1:
+            raise FedError(f"lr_scale must be in (0, 1], got {lr_scale}")
         fold_dir = _fold_folder(dataset_name, trainer_cls, plans, options)
         self._sidecar_path = fold_dir / SIDECAR_NAME
         sidecar, resume_from = self._resume_point(fold_dir)
@@ -154,6 +163,7 @@ class FederatedTrainingSession:
             iterations_per_epoch=options.iterations_per_epoch,
             val_iterations_per_epoch=options.val_iterations_per_epoch,
         )
+        compat.scale_initial_lr(self.trainer, lr_scale)  # before initialize() builds the SGD
         self._completed_round = int(sidecar["round"]) if sidecar else 0
         self._finished = bool(sidecar and sidecar.get("finished"))
         self._closed = False
@@ -304,8 +314,57 @@ class FederatedTrainingSession:
                 f"{t.num_epochs} (nnU-Net's poly LR schedule ends there)"
             )
         for _ in range(n):
+            # nnU-Net would save a *local* checkpoint_best.pth by its local EMA in this
+            # epoch; the federation's best is a global model, written at the end.
+            compat.never_save_local_best(t)
             compat.run_epoch(t, on_iteration, lr_progress=lr_progress)
         return self.last_metrics()
+
+    def evaluate_pseudo_dice(self) -> dict[str, float]:
+        """nnU-Net's validation step on the current weights: pseudo-Dice, per class, loss.
+
+        The trainer's own hooks run (``num_val_iterations_per_epoch`` batches, as at the end
+        of an epoch) but log to a scratch log, so the training log and its EMA only ever
+        see the trainer's own epochs. Non-finite values (a class absent from the sampled
+        patches and never predicted) are left out.
+        """
+        if self._finished or self._closed:
+            raise FedError("training session already finished/closed")
+        scored = compat.score_current_weights(self.trainer)
+        metrics: dict[str, Any] = {
+            "pseudo_dice": scored["mean_fg_dice"],
+            "val_loss": scored["val_losses"],
+        }
+        per_class = scored["dice_per_class_or_region"] or []
+        for name, dice in zip(compat.foreground_class_names(self.trainer), per_class, strict=False):
+            metrics[f"pseudo_dice_{name}"] = dice
+        return _finite(metrics)
+
+    def validate_current(
+        self, subfolder: str, validation_processes: int | None = None
+    ) -> dict[str, Any]:
+        """nnU-Net's full sliding-window validation of the current weights, written under
+        ``<fold>/<subfolder>/validation`` (the final validation folder is left alone)."""
+        target = resolve_under(self.output_folder, subfolder)
+        with compat.default_processes(validation_processes):
+            summary = compat.validate_into(self.trainer, target)
+        return _validation_summary(summary)
+
+    def write_best_checkpoint(self, tensors: dict[str, torch.Tensor], ema: float | None) -> Path:
+        """``checkpoint_best.pth``: nnU-Net's checkpoint with ``tensors`` as the network (the
+        federation's best global) and ``ema`` as its best EMA; the live weights are kept."""
+        if not self._finished:
+            raise FedError("the best checkpoint is written after the last round")
+        current = self.state_dict()
+        tmp = self.output_folder / "checkpoint_best.pth.tmp"
+        self.load_global(tensors)
+        try:
+            compat.save_best_checkpoint(self.trainer, tmp, ema)
+        finally:
+            self.load_global(current)
+        final = self.output_folder / "checkpoint_best.pth"
+        os.replace(tmp, final)
+        return final
 
     def last_metrics(self) -> dict[str, float]:
         logged = compat.logged_metrics(self.trainer)
@@ -370,12 +429,12 @@ class FederatedTrainingSession:
         if run_validation:
             with compat.default_processes(validation_processes):
                 t.perform_actual_validation(self.export_npz)
-            summary = json.loads((self.output_folder / "validation" / "summary.json").read_text())
-            result["dice_per_class"] = {
-                str(label): float(m["Dice"]) for label, m in summary["mean"].items()
-            }
-            result["mean_dice"] = float(summary["foreground_mean"]["Dice"])
+            result |= _validation_summary(self.output_folder / "validation" / "summary.json")
         return result
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
     def close(self) -> None:
         """Stop the augmentation worker processes (idempotent)."""
@@ -389,3 +448,12 @@ class FederatedTrainingSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _validation_summary(path: Path) -> dict[str, Any]:
+    """Mean foreground Dice and Dice per class from nnU-Net's validation summary.json."""
+    summary = json.loads(path.read_text())
+    return {
+        "dice_per_class": {str(label): float(m["Dice"]) for label, m in summary["mean"].items()},
+        "mean_dice": float(summary["foreground_mean"]["Dice"]),
+    }

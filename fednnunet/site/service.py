@@ -26,13 +26,20 @@ from fednnunet.keys import (
     site_bucket,
     site_report_key,
 )
-from fednnunet.messages import ArtifactRef, SiteReport, SiteTask
+from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport, SiteTask
 from fednnunet.nnunet.backend import NnunetBackend, load_backend
 from fednnunet.phases import Phase
 from fednnunet.settings import Settings
 from fednnunet.site.policy import load_policy
 
 log = logging.getLogger(__name__)
+
+# Per-class scores go into a report only up to this many classes (a report carries at
+# most MAX_METRICS numbers); the mean is always there.
+MAX_CLASS_METRICS = 16
+# Fine-tuning starts at this fraction of the trainer's initial learning rate.
+FINETUNE_LR_SCALE = 0.1
+FINETUNED_SUFFIX = "_finetuned"
 
 
 class SiteService:
@@ -77,6 +84,7 @@ class SiteService:
                 Phase.FINGERPRINT: self.extract_fingerprint,
                 Phase.PLAN: self.plan_and_preprocess,
                 Phase.TRAIN: self.train_round,
+                Phase.EVALUATE: self.evaluate_global,
                 Phase.VALIDATE: self.validate,
             }[task.phase]
             report = handler(task)
@@ -166,9 +174,12 @@ class SiteService:
     def _session(self, task: SiteTask) -> Any:
         session = self._sessions.get(task.experiment_id)
         if session is None:
-            session = self.backend.session(self.dataset_id, task.options, task.experiment_id)
+            session = self._new_session(task, task.options)
             self._sessions[task.experiment_id] = session
         return session
+
+    def _new_session(self, task: SiteTask, options: ExperimentOptions, **more: Any) -> Any:
+        return self.backend.session(self.dataset_id, options, task.experiment_id, **more)
 
     def _round_closed(self, task: SiteTask) -> bool:
         """True when the coordinator already aggregated this round (the task is stale);
@@ -180,18 +191,52 @@ class SiteService:
         return self.store.stat(self.global_bucket, key) is not None
 
     def _load_global(self, task: SiteTask, session: Any) -> int:
-        ref = task.global_weights
+        tensors = self._global_tensors(task, task.global_weights)
+        return 0 if tensors is None else len(session.load_global(tensors))
+
+    def _global_tensors(self, task: SiteTask, ref: ArtifactRef | None) -> dict | None:
         if ref is None:
-            return 0
-        if self.store.cache_dir is None:
-            tensors = decode_weights(self.store.get_bytes(ref))
-        else:
-            # Verified once, kept by sha256: a redelivered task or a restarted worker
-            # loads it from disk. One global per experiment is kept.
-            tensors = load_weights_file(self.store.get_file(ref), expand_aliases=True)
-            self._remember_cached_global(task.experiment_id, ref)
-        loaded = session.load_global(tensors)
-        return len(loaded)
+            return None
+        if self.store.cache_dir is None or ref != task.global_weights:
+            return decode_weights(self.store.get_bytes(ref))
+        # Verified once, kept by sha256: a redelivered task or a restarted worker
+        # loads it from disk. One global per experiment is kept.
+        tensors = load_weights_file(self.store.get_file(ref), expand_aliases=True)
+        self._remember_cached_global(task.experiment_id, ref)
+        return tensors
+
+    def _score_global(
+        self, task: SiteTask, session: Any, global_round: int, full: bool = True
+    ) -> dict:
+        """Federated evaluation of the global just loaded, on this site's validation cases:
+        nnU-Net's pseudo-Dice every round, its full validation every ``eval_every`` rounds
+        (``full=False``: the validate phase runs it anyway)."""
+        t0 = time.perf_counter()
+        scores = _class_bounded(session.evaluate_pseudo_dice(), "pseudo_dice")
+        out = {f"global_{k}": v for k, v in scores.items()}
+        every = task.options.eval_every
+        if full and every and global_round >= 1 and global_round % every == 0:
+            folder = f"fednnunet_global_eval/round_{global_round:05d}"
+            validation = session.validate_current(folder)
+            out["global_dice"] = validation["mean_dice"]
+            per_class = {f"dice_{k}": v for k, v in validation["dice_per_class"].items()}
+            out |= {f"global_{k}": v for k, v in _class_bounded(per_class, "dice").items()}
+        out["global_eval_s"] = time.perf_counter() - t0
+        return out
+
+    def evaluate_global(self, task: SiteTask) -> SiteReport:
+        """The last global, scored like every round's incoming global (best-model rule)."""
+        meta = self._existing_meta(task)
+        if meta is None:
+            session = self._session(task)
+            self._load_global(task, session)
+            last_round = task.options.rounds
+            meta = {
+                "metrics": self._score_global(task, session, last_round, full=False),
+                "num_cases": session.num_training_cases(),
+            }
+            self._save_meta(task, meta)
+        return self._report(task, metrics=meta["metrics"], num_cases=meta["num_cases"])
 
     def _remember_cached_global(self, experiment_id: str, ref: ArtifactRef | None) -> None:
         """Keep one cached global per experiment; the record survives a worker restart."""
@@ -236,6 +281,8 @@ class SiteService:
         if trained:
             t_pull = time.perf_counter()
             loaded = self._load_global(task, session)
+            pulled = time.perf_counter()
+            evaluation = self._score_global(task, session, task.round - 1)
             t_train = time.perf_counter()
             on_iteration = self._on_iteration
             extra: dict[str, Any] = {}
@@ -250,8 +297,9 @@ class SiteService:
             if slowdown > 1:
                 self._simulate_slowdown(task, slowdown, metrics["train_s"])
                 metrics["slowdown_s"] = time.perf_counter() - t_train - metrics["train_s"]
-            metrics["pull_s"] = t_train - t_pull
+            metrics["pull_s"] = pulled - t_pull
             metrics["layers_loaded"] = float(loaded)
+            metrics |= evaluation
             self._write_local_metrics(session, task.round, metrics)
         else:
             metrics = self._read_local_metrics(session, task.round)
@@ -329,24 +377,67 @@ class SiteService:
         if meta is not None:
             return self._report(task, metrics=meta["metrics"], num_cases=meta["num_cases"])
         session = self._session(task)
-        self._load_global(task, session)
+        if not session.finished:
+            self._load_global(task, session)
         result = session.finish(run_validation=True)
-        metrics = {"mean_dice": float(result.get("mean_dice", float("nan")))}
-        for label, dice in (result.get("dice_per_class") or {}).items():
-            metrics[f"dice_{label}"] = float(dice)
+        metrics = _dice_metrics(result)
+        best = self._global_tensors(task, task.best_weights)
+        if best is not None:
+            session.write_best_checkpoint(best, task.best_dice_ema)
+            del best
         local = local_baseline_dice(self.settings.local_baseline)
         if local is not None:
             metrics["local_mean_dice"] = local
+        num_cases = session.num_training_cases()
+        session.close()
+        self._sessions.pop(task.experiment_id, None)
+        if task.options.finetune_epochs:
+            metrics |= {f"finetuned_{k}": v for k, v in self._finetune(task).items()}
         meta = {
             "metrics": metrics,
-            "num_cases": session.num_training_cases(),
+            "num_cases": num_cases,
             "results_folder": str(result.get("results_folder", "")),
         }
         self._save_meta(task, meta)
-        session.close()
-        self._sessions.pop(task.experiment_id, None)
         self._remember_cached_global(task.experiment_id, None)
         return self._report(task, metrics=metrics, num_cases=meta["num_cases"])
+
+    def _finetune(self, task: SiteTask) -> dict[str, float]:
+        """Personalization: ``finetune_epochs`` local epochs from the final global at a low
+        learning rate, into the trainer folder ``<trainer>_finetuned`` (the federated
+        model's folder is not touched); returns its validation Dice."""
+        opts = task.options
+        # nnU-Net's schedule spans rounds * local_epochs epochs: here finetune_epochs.
+        schedule = opts.model_copy(update={"rounds": opts.finetune_epochs, "local_epochs": 1})
+        tuned = self._new_session(
+            task,
+            schedule,
+            trainer_folder=opts.trainer + FINETUNED_SUFFIX,
+            lr_scale=FINETUNE_LR_SCALE,
+        )
+        try:
+            if not tuned.finished:  # else: a redelivered task, the tuned model is there
+                self._load_global(task, tuned)
+                tuned.train_epochs(opts.finetune_epochs, on_iteration=self._on_iteration)
+            return _dice_metrics(tuned.finish(run_validation=True))
+        finally:
+            tuned.close()
+
+
+def _class_bounded(scores: dict[str, float], prefix: str) -> dict[str, float]:
+    """``scores`` without its per-class ``<prefix>_<class>`` entries when there are more
+    than MAX_CLASS_METRICS classes (a report's size is bounded; the mean stays)."""
+    per_class = [k for k in scores if k.startswith(prefix + "_")]
+    if len(per_class) <= MAX_CLASS_METRICS:
+        return scores
+    return {k: v for k, v in scores.items() if k not in per_class}
+
+
+def _dice_metrics(result: dict) -> dict[str, float]:
+    """Mean and per-class Dice of nnU-Net's final validation (NaN: see missing_metrics)."""
+    metrics = {"mean_dice": float(result.get("mean_dice", float("nan")))}
+    per_class = {f"dice_{k}": float(v) for k, v in (result.get("dice_per_class") or {}).items()}
+    return metrics | _class_bounded(per_class, "dice")
 
 
 def local_baseline_dice(path: str | None) -> float | None:

@@ -23,7 +23,11 @@ def _state_with_rounds(n: int = 3) -> sm.ExperimentState:
     sm.apply_plans_checked(s, 0.0)
     for r in range(1, n + 1):
         metrics = {
-            site: {"train_loss": 1.0 / (r + i), "pseudo_dice": 0.2 * r + 0.01 * i}
+            site: {
+                "train_loss": 1.0 / (r + i),
+                "pseudo_dice": 0.2 * r + 0.01 * i,
+                "global_pseudo_dice": 0.15 * r + 0.01 * i,
+            }
             for i, site in enumerate(s.sites)
         }
         record = sm.RoundRecord(
@@ -42,9 +46,23 @@ def _state_with_rounds(n: int = 3) -> sm.ExperimentState:
 def test_png_has_a_curve_per_site_and_a_global_curve():
     state = _state_with_rounds(3)
     fig = build_figure(state)
-    for ax in fig.axes:
+    *local, global_model = fig.axes
+    for ax in local:
         assert len(ax.lines) == 4  # 3 sites + global
         assert all(len(line.get_xdata()) == 3 for line in ax.lines)
+    # The global model at each site: 3 sites, case-weighted, its EMA, the best global.
+    labels = [line.get_label() for line in global_model.lines]
+    assert labels == [
+        "site 901",
+        "site 902",
+        "site 903",
+        "case-weighted",
+        "EMA (best rule)",
+        "best global",
+    ]
+    assert list(global_model.lines[0].get_xdata()) == [0, 1, 2]  # the global's round
+    weighted = global_model.lines[3].get_ydata()
+    assert weighted[0] == pytest.approx((0.15 * 4 + 0.16 * 8 + 0.17 * 4) / 16)
     png = render_png(state)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -92,6 +110,16 @@ def test_watch_view_shows_every_site_round_and_progress():
         assert needle in text, needle
     info = status_dict(state, progress, {}, {})
     assert info["round"] == 3 and set(info["sites"]) == {"901", "902", "903"}
+    # Federated evaluation: every round's incoming global, per site and case-weighted.
+    for entry in info["history"]:
+        g = entry["global_model"]
+        assert g["of_round"] == entry["round"] - 1
+        assert set(g["sites"]) == {"901", "902", "903"}
+        assert g["dice"] == pytest.approx(
+            sum(g["sites"][s] * n for s, n in {"901": 4, "902": 8, "903": 4}.items()) / 16
+        )
+    assert info["global_model"]["best_round"] == 1  # the first global with an object
+    assert "global pseudo-Dice" in text and "global model after round 1" in text
 
 
 def test_final_table_compares_federated_and_local_only_dice(tmp_path):
@@ -111,14 +139,15 @@ def test_final_table_compares_federated_and_local_only_dice(tmp_path):
     state = _state_with_rounds(5)
     sm.apply_validated(state, 10.0)
     state.final_metrics = {
-        "901": {"mean_dice": 0.9, "local_mean_dice": 0.8125},
+        "901": {"mean_dice": 0.9, "local_mean_dice": 0.8125, "finetuned_mean_dice": 0.9375},
         "902": {"mean_dice": 0.95},
         "903": {"mean_dice": 0.97},
     }
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=200)
     console.print(render(state, {}, {}, {}))
     text = console.export_text()
     assert "local-only Dice" in text and "0.812" in text and "n/a" in text and "0.950" in text
+    assert "fine-tuned Dice" in text and "0.938" in text
 
 
 def test_plot_x_axis_has_integer_round_ticks():
@@ -165,7 +194,8 @@ def test_tables_fit_the_terminal_without_cutting_a_header(width):
     left_out = [c for c in COLUMN_PRIORITY if c not in shown and c != "progress"]
     if left_out:  # what did not fit is named, not silently gone
         assert "left out, too narrow:" in text
-        assert all(c in text.split("too narrow:")[1] for c in left_out if c != "local-only Dice")
+        conditional = ("local-only Dice", "fine-tuned Dice")  # only when there are values
+        assert all(c in text.split("too narrow:")[1] for c in left_out if c not in conditional)
 
 
 def test_round_bar_and_table_border_are_on_separate_lines():

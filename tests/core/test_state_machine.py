@@ -65,6 +65,12 @@ def test_ffe_walks_through_every_phase():
         sm.apply_aggregated(
             s, sm.RoundRecord(round=r, participants=list("abc"), global_weights=REF), 6.0
         )
+    assert s.phase == "evaluate"
+    dispatch_all(s)
+    for site in "abc":
+        sm.apply_report(s, report(site, "evaluate", metrics={"global_pseudo_dice": 0.5}), 6.5)
+    assert sm.next_actions(s, 6.5) == [] and sm.phase_complete(s, 6.5)
+    sm.apply_evaluated(s, 6.5)
     assert s.phase == "validate"
     dispatch_all(s)
     for site in "abc":

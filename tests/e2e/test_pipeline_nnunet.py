@@ -32,7 +32,7 @@ def _env(root: Path) -> dict[str, str]:
     return make_nnunet_dirs(root) | {"nnUNet_def_n_proc": "1"}
 
 
-def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=None):
+def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=None, **more):
     env = _env(tmp)
     if make_data is None:
         make_demo_federation(Path(env["nnUNet_raw"]), list(SITES.values()), num_cases=8, seed=0)
@@ -51,6 +51,7 @@ def _run(stack, tmp: Path, method: str, unique_id, rounds: int = 3, make_data=No
             "device": "cpu",
             "heartbeat_timeout_s": 300,
         }
+        | more
     )
     with LocalFederation(SITES, tmp / "logs", env=env) as fed:
         submit(stack, spec)
@@ -68,9 +69,10 @@ def _fold_dir(env: dict[str, str], site: str) -> Path:
 
 
 def test_ffe_three_sites_end_to_end_and_plain_nnunet_predicts(stack, tmp_path, unique_id):
-    env, state = _run(stack, tmp_path, "ffe", unique_id)
+    env, state = _run(stack, tmp_path, "ffe", unique_id, finetune_epochs=1)
     assert len(set(state.plans_sha256.values())) == 1, "FFE sites must share one plan"
     assert [r.round for r in state.history] == [1, 2, 3]
+    _check_federated_evaluation(stack, env, state)
     for site in SITES:
         fold = _fold_dir(env, site)
         assert (fold / "checkpoint_final.pth").is_file()
@@ -102,6 +104,59 @@ def test_ffe_three_sites_end_to_end_and_plain_nnunet_predicts(stack, tmp_path, u
         _fold_dir(env, SITE_OF[901]).parent, inputs, tmp_path / "pred_out", folds=(0,), device="cpu"
     )
     assert len(outputs) == 2 and all(p.exists() for p in outputs)
+
+
+def _check_federated_evaluation(stack, env: dict[str, str], state) -> None:
+    """Every site scored every round's incoming global and the last one; `status --json`
+    shows it; checkpoint_best.pth is the global of the best EMA; fine-tuned models sit in
+    their own trainer folder and the federated checkpoint is the final global."""
+    from typer.testing import CliRunner
+
+    from fednnunet.cli.main import app
+
+    result = CliRunner().invoke(app, ["experiment", "status", state.experiment_id, "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    history = status["history"]
+    assert [h["global_model"]["of_round"] for h in history] == [0, 1, 2]
+    for entry in history:
+        scores = entry["global_model"]["sites"]
+        assert set(scores) == set(SITES) and all(0.0 <= v <= 1.0 for v in scores.values())
+        cases = {s: state.declared_cases[s] for s in SITES}
+        expected = sum(scores[s] * cases[s] for s in SITES) / sum(cases.values())
+        assert entry["global_model"]["dice"] == pytest.approx(expected)
+    final = status["global_model"]["final"]
+    assert final["of_round"] == 3 and set(final["sites"]) == set(SITES)
+    emas = [h["global_model"]["dice_ema"] for h in history]
+    assert emas[0] == pytest.approx(history[0]["global_model"]["dice"])
+    for prev, h in zip(emas, history[1:], strict=False):  # nnU-Net's EMA, recomputed here
+        assert h["global_model"]["dice_ema"] == pytest.approx(
+            0.9 * prev + 0.1 * h["global_model"]["dice"]
+        )
+    # Round 0's model has no object (no pretrained weights): the best is one of globals 1-3.
+    best_round = status["global_model"]["best_round"]
+    assert best_round in (1, 2, 3)
+    store = ArtifactStore(stack)
+    best_global = decode_weights(store.get_bytes(state.best_global))
+    final_global = decode_weights(store.get_bytes(state.global_weights))
+    for site in SITES:
+        fold = _fold_dir(env, site)
+        best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+        for key, value in best_global.items():
+            assert torch.equal(best["network_weights"][key], value), (site, key)
+        ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        for key, value in final_global.items():  # fine-tuning did not touch the global
+            assert torch.equal(ckpt["network_weights"][key], value), (site, key)
+        tuned = fold.parent.parent / "nnUNetTrainer_finetuned__nnUNetPlans__2d" / "fold_0"
+        assert (tuned / "checkpoint_final.pth").is_file()
+        assert 0.0 <= state.final_metrics[site]["finetuned_mean_dice"] <= 1.0
+    # nnU-Net's predictor loads the best checkpoint as `nnUNetv2_predict -chk` would.
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(_fold_dir(env, SITE_OF[903]).parent), (0,), "checkpoint_best.pth"
+    )
 
 
 def _sites_with_different_architectures(raw: Path) -> None:

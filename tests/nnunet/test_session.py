@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import shutil
@@ -168,3 +169,82 @@ def test_rounds_resume_finish_and_plain_predict(results: Path, planned: Path) ->
     img = sitk.GetArrayFromImage(sitk.ReadImage(str(inp / "siteb_000_0000.nii.gz")))
     assert seg.shape == img.shape
     assert set(np.unique(seg)) <= {0, 1, 2}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_global_scoring_best_checkpoint_and_finetuning(results: Path, planned: Path) -> None:
+    """The incoming global is scored with nnU-Net's validation step without entering the
+    training log; checkpoint_best.pth is a given global that nnU-Net's predictor loads;
+    fine-tuning writes its own trainer folder and leaves the federated model untouched."""
+    fold_dir = results / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0"
+    with FederatedTrainingSession(901, tiny(0), run_id="run-b", **RUNTIME) as s:
+        initial = s.state_dict()
+        log_before = copy.deepcopy(s.trainer.logger.get_checkpoint())
+        scores = s.evaluate_pseudo_dice()
+        assert set(scores) >= {"pseudo_dice", "val_loss"}
+        assert all(0.0 <= scores[k] <= 1.0 for k in scores if k.startswith("pseudo_dice"))
+        assert set(scores) - {"pseudo_dice", "val_loss"} <= {"pseudo_dice_1", "pseudo_dice_2"}
+        assert s.trainer.logger.get_checkpoint() == log_before  # no trace in nnU-Net's log
+        assert _equal(s.state_dict(), initial)
+
+        s.train_epochs(2)
+        ema = s.trainer.logger.get_value("ema_fg_dice", step=None)
+        assert len(ema) == 2  # the trainer's own epochs only
+        assert not (fold_dir / "checkpoint_best.pth").exists()  # no *local* best
+
+        full = s.validate_current("fednnunet_global_eval/round_00002", validation_processes=1)
+        assert 0.0 <= full["mean_dice"] <= 1.0 and set(full["dice_per_class"]) == {"1", "2"}
+        assert (fold_dir / "fednnunet_global_eval/round_00002/validation/summary.json").is_file()
+        assert not (fold_dir / "validation").exists()
+
+        s.train_epochs(1)
+        final = s.state_dict()
+        s.finish(run_validation=False)  # nnU-Net's validation: covered above
+        best_path = s.write_best_checkpoint(initial, 0.25)
+        assert _equal(s.state_dict(), final)  # the live model is still the final one
+    final_sha = _sha256(fold_dir / "checkpoint_final.pth")
+    best = torch.load(best_path, map_location="cpu", weights_only=False)  # local file
+    assert best["_best_ema"] == 0.25 and best["trainer_name"] == "nnUNetTrainer"
+    assert _equal(dict(best["network_weights"]), initial)
+
+    _predictor_loads(fold_dir.parent, "checkpoint_best.pth", initial)
+
+    # Fine-tuning from the final global in a folder of its own, at a tenth of the LR.
+    with FederatedTrainingSession(
+        901,
+        tiny(0, rounds=1),
+        run_id="run-b",
+        trainer_folder="nnUNetTrainer_finetuned",
+        lr_scale=0.1,
+        **RUNTIME,
+    ) as tuned:
+        assert tuned.output_folder.parent.name == "nnUNetTrainer_finetuned__nnUNetPlans__2d"
+        tuned.load_global(final)
+        m = tuned.train_epochs(1)
+        assert m["lr"] == pytest.approx(1e-3)
+        tuned.finish(run_validation=False)
+        tuned_weights = tuned.state_dict()
+    assert not _equal(tuned_weights, final)
+    assert _sha256(fold_dir / "checkpoint_final.pth") == final_sha  # the global: untouched
+    federated = torch.load(
+        fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    assert _equal(dict(federated["network_weights"]), final)
+    tuned_dir = fold_dir.parent.parent / "nnUNetTrainer_finetuned__nnUNetPlans__2d" / "fold_0"
+    ckpt = torch.load(tuned_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnUNetTrainer"  # the class nnU-Net's predictor builds
+    _predictor_loads(tuned_dir.parent, "checkpoint_final.pth", tuned_weights)
+
+
+def _predictor_loads(model_dir: Path, checkpoint: str, weights: dict) -> None:
+    """nnU-Net's predictor loads the checkpoint as ``nnUNetv2_predict -chk`` does."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_dir), (0,), checkpoint)
+    assert _equal(dict(predictor.list_of_parameters[0]), weights)

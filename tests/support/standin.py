@@ -96,6 +96,7 @@ class StandInSession:
         workdir: Path | None = None,
         site_salt: int | None = None,
         run_id: str | None = None,
+        trainer_folder: str | None = None,
     ) -> None:
         self.dataset_id = dataset_id
         self.sleep_s = sleep_s
@@ -108,6 +109,8 @@ class StandInSession:
             / (run_id or "default")
             / f"{options.configuration}_fold{options.fold}"
         )
+        if trainer_folder is not None:  # a fine-tuned model beside the federated one
+            self.output_folder = self.output_folder / trainer_folder
         self.output_folder.mkdir(parents=True, exist_ok=True)
         self.plans = {"standin": model}
         self._state = build_state(model, options.seed)
@@ -164,6 +167,25 @@ class StandInSession:
             "epoch": float(self.epoch),
         }
 
+    def evaluate_pseudo_dice(self) -> dict[str, float]:
+        """A deterministic score of the current weights (no data): 1 / (1 + |mean weight|)."""
+        floats = [t.float().mean().abs() for t in self._state.values() if t.is_floating_point()]
+        score = 1.0 / (1.0 + float(sum(floats)))
+        return {"pseudo_dice": score, "pseudo_dice_1": score}
+
+    def validate_current(self, subfolder: str) -> dict:
+        score = self.evaluate_pseudo_dice()["pseudo_dice"]
+        return {"mean_dice": score, "dice_per_class": {"1": score}}
+
+    def write_best_checkpoint(self, tensors: dict[str, torch.Tensor], ema: float | None) -> Path:
+        path = self.output_folder / "standin_best.safetensors"
+        save_weights_file({**self._state, **tensors}, path)
+        return path
+
+    @property
+    def finished(self) -> bool:
+        return False
+
     def save_round_checkpoint(self, round_: int) -> None:
         save_weights_file(self._state, self.output_folder / "standin_latest.safetensors")
         (self.output_folder / "standin_round.json").write_text(
@@ -216,7 +238,14 @@ class StandInBackend(NnunetBackend):
     def plans_sha256(self, plans: dict) -> str:
         return sha256_bytes(json.dumps(plans, sort_keys=True).encode())
 
-    def session(self, dataset_id: int, options: ExperimentOptions, run_id: str) -> StandInSession:
+    def session(
+        self,
+        dataset_id: int,
+        options: ExperimentOptions,
+        run_id: str,
+        trainer_folder: str | None = None,
+        lr_scale: float = 1.0,  # noqa: ARG002 - no learning rate without compute
+    ) -> StandInSession:
         return StandInSession(
             dataset_id,
             options,
@@ -224,4 +253,5 @@ class StandInBackend(NnunetBackend):
             sleep_s=self.sleep_s,
             workdir=self.workdir,
             run_id=run_id,
+            trainer_folder=trainer_folder,
         )
