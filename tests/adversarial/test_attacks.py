@@ -15,6 +15,7 @@ import torch
 from fednnunet.adapters.broker import coordinator_queue
 from fednnunet.adapters.weights_codec import encode_weights
 from tests.adversarial.harness import (
+    HONEST,
     Evil,
     assert_rounds_are_honest_fedavg,
     honestly,
@@ -268,3 +269,38 @@ def test_nan_validation_dice_is_stored_as_no_value_and_the_state_loads(consortiu
     assert loaded.final_metrics[evil.site] == {"dice_2": 0.5}
     assert "finite" in loaded.final_missing[evil.site]["mean_dice"]
     assert set(loaded.final_missing[evil.site]) == {"mean_dice", "dice_1"}
+
+
+def test_an_impossible_global_dice_cannot_steer_the_best_model(consortium):
+    """A site claims a global-model Dice above 1 (every round and in the evaluate phase):
+    the claim is left out of the case-weighted score, so the EMA and the best global are
+    the honest sites' alone (recomputed here from their reports)."""
+    c = consortium
+
+    def attack(evil: Evil, task, honest) -> None:
+        report = honest()
+        if task.phase in ("train", "evaluate"):
+            body = report.model_dump(mode="json")
+            body["metrics"] = {**body["metrics"], "global_pseudo_dice": 50.0}
+            evil.send(body)
+            return
+        evil.send(report)
+
+    state, evil = run_experiment(c, attack, rounds=2)
+    assert state.phase == "done", state.error
+    honest = [c.site_id(s) for s in HONEST]
+    ema = None
+    for record in state.history:
+        assert record.metrics[evil.site]["global_pseudo_dice"] == 50.0  # stored, not counted
+        scores = {s: record.metrics[s]["global_pseudo_dice"] for s in honest}
+        dice = sum(scores[s] * record.num_cases[s] for s in honest) / sum(
+            record.num_cases[s] for s in honest
+        )
+        ema = dice if ema is None else 0.9 * ema + 0.1 * dice
+        assert record.global_dice == pytest.approx(dice)
+        assert record.global_dice_ema == pytest.approx(ema)
+    final = {s: state.final_global_eval[s]["global_pseudo_dice"] for s in honest}
+    cases = {s: state.declared_cases[s] for s in honest}
+    expected = sum(final[s] * cases[s] for s in honest) / sum(cases.values())
+    assert state.final_global_dice == pytest.approx(expected)
+    assert state.best_global_dice_ema is not None and state.best_global_dice_ema <= 1.0
