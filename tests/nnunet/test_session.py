@@ -217,7 +217,7 @@ def test_global_scoring_best_checkpoint_and_finetuning(results: Path, planned: P
     # Fine-tuning from the final global in a folder of its own, at a tenth of the LR.
     with FederatedTrainingSession(
         901,
-        tiny(0, rounds=1),
+        ExperimentOptions(fold=0, **(TINY | {"rounds": 1})),
         run_id="run-b",
         trainer_folder="nnUNetTrainer_finetuned",
         lr_scale=0.1,
