@@ -37,7 +37,7 @@ def global_model_series(
         (r.round - 1, r.metrics, r.global_dice, r.global_dice_ema) for r in state.history
     ]
     if state.final_global_eval:  # the last global, scored in the evaluate phase
-        last = state.history[-1].round if state.history else 0
+        last = state.rounds_closed
         final_ema = state.global_dice_ema if state.final_global_dice is not None else None
         evaluations.append((last, state.final_global_eval, state.final_global_dice, final_ema))
     for global_round, metrics, dice, ema in evaluations:
