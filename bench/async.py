@@ -166,6 +166,7 @@ class GlobalEvaluator:
         for site, pred in self.predictors.items():
             pred.list_of_parameters = [weights]
             out = self.work / f"out-{site}"
+            out.mkdir(parents=True, exist_ok=True)  # nnU-Net writes its arguments there first
             pred.predict_from_files_sequential(
                 str(self.work / f"in-{site}"), str(out), save_probabilities=False, overwrite=True
             )
@@ -183,8 +184,6 @@ class GlobalEvaluator:
 
 def run(quick: bool = False) -> BenchResult:
 
-    from fednnunet.adapters.s3_store import ArtifactStore
-    from fednnunet.adapters.weights_codec import decode_weights
     from fednnunet.cli.simulate import LocalFederation
     from fednnunet.nnunet.demo_data import make_demo_federation
     from fednnunet.settings import get_settings
@@ -213,13 +212,21 @@ def run(quick: bool = False) -> BenchResult:
         )
         runs["async"] = run_experiment(settings, fed, sites, "async", params, mode="async")
 
-        store = ArtifactStore(settings)
-        evaluator = GlobalEvaluator(env, sites, root / "eval")
-        for info in runs.values():
-            info["curve"] = []
-            for at, ref in info["globals"]:
-                mean, _ = evaluator.dice(decode_weights(store.get_bytes(ref)))
-                info["curve"].append((round(at, 1), round(mean, 4)))
+    return evaluate(settings, env, root, sites, runs, rounds, iterations, deadline)
+
+
+def evaluate(settings, env, root, sites, runs, rounds, iterations, deadline) -> BenchResult:
+    """Evaluate every global of the runs at every site; the table and targets."""
+    from fednnunet.adapters.s3_store import ArtifactStore
+    from fednnunet.adapters.weights_codec import decode_weights
+
+    store = ArtifactStore(settings)
+    evaluator = GlobalEvaluator(env, sites, root / "eval")
+    for info in runs.values():
+        info["curve"] = []
+        for at, ref in info["globals"]:
+            mean, _ = evaluator.dice(decode_weights(store.get_bytes(ref)))
+            info["curve"].append((round(at, 1), round(mean, 4)))
     target_dice = runs["sync-all"]["curve"][-1][1]
     rows, raw = [], {}
     slow_site = next(s for s, d in sites.items() if d == SLOW_DATASET)
