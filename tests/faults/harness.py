@@ -414,6 +414,10 @@ class PrivateS3(WeedServer):
             identities or admin_identities(access_key, secret_key),
             port=port,
             stop_grace_s=20,
+            # Every bucket is a collection with volumes of its own, and each test makes
+            # five (global, coordinator, 3 sites): without these, a session-long server
+            # runs out of volumes ("No writable volumes and no free volumes left").
+            extra_args=("-master.volumeSizeLimitMB=256", "-volume.max=4000"),
         )
 
     def answers(self) -> bool:
