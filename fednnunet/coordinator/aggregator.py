@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -311,30 +312,9 @@ def aggregate_round(
                 fetched.clear()
         else:
             reference = common_signature(list(sigs.values()))
-    for site, (_, _, sig) in list(fetched.items()):
-        problems = signature_problems(sig, reference, exact_architecture) if reference else []
-        if problems:
-            quarantined[site] = "; ".join(problems[:3])
-            del fetched[site]
 
-    # 3. Values: NaN/Inf and norms (one update in memory at a time).
-    shared = list(reference.tensors) if reference else []
-    norms: dict[str, float] = {}
-    for site, (_, path, _) in list(fetched.items()):
-        try:
-            tensors = load_weights_file(path, shared)
-            problems = update_problems(tensors, reference_norm=ref_norm)
-            norms[site] = l2_norm(tensors)
-            del tensors
-        except Exception as exc:  # noqa: BLE001 - e.g. a truncated or garbage body
-            problems = [_one_line(exc)]
-        if problems:
-            quarantined[site] = "; ".join(problems[:3])
-            del fetched[site]
-            norms.pop(site, None)
-    for site, why in norm_outliers(norms).items():
-        quarantined[site] = why
-        del fetched[site]
+    # 3. Signatures, values (NaN/Inf, norms) and norm outliers.
+    shared = screen_fetched(fetched, reference, exact_architecture, ref_norm, quarantined)
 
     accepted = [fetched[r.site_id] for r in reports if r.site_id in fetched]
     participants = [r.site_id for r, _, _ in accepted]
@@ -391,6 +371,42 @@ def _publish(
         seconds=time.perf_counter() - t0,
         weights={s: weights[s] for s in participants},
     )
+
+
+def screen_fetched(
+    fetched: dict[Any, tuple[Any, Path, Signature]],
+    reference: Signature | None,
+    exact_architecture: bool,
+    ref_norm: float | None,
+    quarantined: dict[Any, str],
+) -> list[str]:
+    """The per-update checks every aggregation path shares (sync rounds, async buffers):
+    signature against the reference, then NaN/Inf and norm (one update in memory at a
+    time), then median-norm outliers. Failing updates move from ``fetched`` to
+    ``quarantined``; returns the names of the shared tensors."""
+    for key, (_, _, sig) in list(fetched.items()):
+        problems = signature_problems(sig, reference, exact_architecture) if reference else []
+        if problems:
+            quarantined[key] = "; ".join(problems[:3])
+            del fetched[key]
+    shared = list(reference.tensors) if reference else []
+    norms: dict[Any, float] = {}
+    for key, (_, path, _) in list(fetched.items()):
+        try:
+            tensors = load_weights_file(path, shared)
+            problems = update_problems(tensors, reference_norm=ref_norm)
+            norms[key] = l2_norm(tensors)
+            del tensors
+        except Exception as exc:  # noqa: BLE001 - e.g. a truncated or garbage body
+            problems = [_one_line(exc)]
+        if problems:
+            quarantined[key] = "; ".join(problems[:3])
+            del fetched[key]
+            norms.pop(key, None)
+    for key, why in norm_outliers(norms).items():
+        quarantined[key] = why
+        del fetched[key]
+    return shared
 
 
 def _one_line(exc: BaseException) -> str:

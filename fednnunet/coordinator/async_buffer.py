@@ -19,7 +19,12 @@ import torch
 
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import encode_weights, load_weights_file, read_header
-from fednnunet.coordinator.aggregator import _one_line, _signature, average_files
+from fednnunet.coordinator.aggregator import (
+    _one_line,
+    _signature,
+    average_files,
+    screen_fetched,
+)
 from fednnunet.core import async_rounds as asy
 from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.fedbuff import StreamingFedBuff
@@ -30,9 +35,6 @@ from fednnunet.core.update_checks import (
     common_signature,
     l2_norm,
     majority_signature,
-    norm_outliers,
-    signature_problems,
-    update_problems,
 )
 from fednnunet.errors import FedError, ServiceUnreachable
 from fednnunet.keys import global_weights_key
@@ -84,28 +86,7 @@ def apply_buffer(
             for k in sigs:
                 quarantined[k] = "no architecture shared by a majority of the buffer"
             fetched.clear()
-    for k, (_, _, sig) in list(fetched.items()):
-        problems = signature_problems(sig, reference, exact_architecture) if reference else []
-        if problems:
-            quarantined[k] = "; ".join(problems[:3])
-            del fetched[k]
-    shared = list(reference.tensors) if reference else []
-    norms: dict[str, float] = {}
-    for k, (_, path, _) in list(fetched.items()):
-        try:
-            tensors = load_weights_file(path, shared)
-            problems = update_problems(tensors, reference_norm=ref_norm)
-            norms[k] = l2_norm(tensors)
-            del tensors
-        except Exception as exc:  # noqa: BLE001
-            problems = [_one_line(exc)]
-        if problems:
-            quarantined[k] = "; ".join(problems[:3])
-            del fetched[k]
-            norms.pop(k, None)
-    for k, why in norm_outliers(norms).items():
-        quarantined[k] = why
-        del fetched[k]
+    shared = screen_fetched(fetched, reference, exact_architecture, ref_norm, quarantined)
     accepted = [fetched[key_of(u)][0] for u in updates if key_of(u) in fetched]
     if not accepted or reference is None:
         return asy.VersionResult(None, [], quarantined, seconds=time.perf_counter() - t0)
