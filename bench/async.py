@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import BenchResult, Target
+from tests.support.nnunet_dirs import make_nnunet_dirs  # gpu_check uses it from here too
 
 SITE_IDS = (901, 902, 903)
 SLOW_DATASET = 903
@@ -80,19 +81,6 @@ def run_experiment(settings, fed, sites: dict[str, int], label: str, params: dic
         "idle": {s: v["idle_fraction"] for s, v in time_use(state, train_end).items()},
         "globals": [(r.closed_at - train_start, r.global_weights) for r in state.history],
     }
-
-
-def make_nnunet_dirs(root: Path) -> dict[str, str]:
-    """nnU-Net's three folders under ``root`` (raw, pre, results) as its variables."""
-    env = {}
-    for var, sub in (
-        ("nnUNet_raw", "raw"),
-        ("nnUNet_preprocessed", "pre"),
-        ("nnUNet_results", "results"),
-    ):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-        env[var] = str(root / sub)
-    return env
 
 
 def _val_cases(env: dict[str, str], dataset_id: int) -> tuple[Path, list[str]]:
