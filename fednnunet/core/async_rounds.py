@@ -233,7 +233,7 @@ def apply_version(
 ) -> None:
     """Version ``action.version`` is published (or every update of the buffer was
     quarantined): those updates leave the buffer, applied ones count as consumed."""
-    from fednnunet.core.state_machine import RoundRecord
+    from fednnunet.core.state_machine import RoundRecord, score_async_version
 
     prog = state.asynchronous
     assert prog is not None  # noqa: S101
@@ -246,6 +246,7 @@ def apply_version(
     if result.global_weights is None:
         return
     applied = [u for u in action.updates if prog.key(u) in set(result.applied)]
+    global_dice, global_dice_ema = score_async_version(state, prog.version, applied)
     prog.version = action.version
     prog.consumed_epochs += len(applied) * prog.epochs_per_update
     for u in applied:
@@ -258,30 +259,30 @@ def apply_version(
     state.rounds_closed = action.version
     if state.train_started_at is None:
         state.train_started_at = prog.opened_at
-    state.last_round = (
-        RoundRecord(
-            round=action.version,
-            participants=participants,
-            quarantined=result.quarantined,
-            global_weights=result.global_weights,
-            metrics={u.site: dict(u.metrics) for u in applied},
-            num_cases={u.site: u.num_cases for u in applied},
-            weights=site_weight,
-            opened_at=min(u.received_at for u in applied),
-            closed_at=now,
-            aggregation_s=result.seconds,
-            updates=[
-                {
-                    "key": prog.key(u),
-                    "site": u.site,
-                    "epoch": u.epoch,
-                    "base_version": u.base_version,
-                    "staleness": action.version - 1 - u.base_version,
-                    "weight": result.weights.get(prog.key(u), 0.0),
-                }
-                for u in applied
-            ],
-        )
+    state.last_round = RoundRecord(
+        round=action.version,
+        participants=participants,
+        quarantined=result.quarantined,
+        global_weights=result.global_weights,
+        metrics={u.site: dict(u.metrics) for u in applied},
+        num_cases={u.site: u.num_cases for u in applied},
+        weights=site_weight,
+        opened_at=min(u.received_at for u in applied),
+        closed_at=now,
+        aggregation_s=result.seconds,
+        global_dice=global_dice,
+        global_dice_ema=global_dice_ema,
+        updates=[
+            {
+                "key": prog.key(u),
+                "site": u.site,
+                "epoch": u.epoch,
+                "base_version": u.base_version,
+                "staleness": action.version - 1 - u.base_version,
+                "weight": result.weights.get(prog.key(u), 0.0),
+            }
+            for u in applied
+        ],
     )
 
 

@@ -443,13 +443,31 @@ def apply_evaluated(state: ExperimentState, now: float) -> None:
 
 
 def apply_async_closed(state: ExperimentState, reason: str, now: float) -> None:
-    """The async train phase ends (target reached or wall limit): validate everywhere.
+    """The async train phase ends (target reached or wall limit): every site scores the
+    last version (best-model rule, as after sync rounds), then validates.
 
     Sites still in the middle of an epoch see the closed marker and abandon it."""
     if not asy.is_async_train(state):
         return
     asy.close_async(state, reason, now)
-    _open_phase(state, Phase.VALIDATE, 0, now)
+    _open_phase(state, Phase.EVALUATE, 0, now)
+
+
+def score_async_version(
+    state: ExperimentState, version: int, updates: list[asy.BufferedUpdate]
+) -> tuple[float | None, float | None]:
+    """The federated score of version ``version`` (the newest before this buffer): the
+    updates that started from it scored it at their site before training. Updates from
+    older versions scored those; they arrive out of order and stay out of the EMA."""
+    fresh = [u for u in updates if u.base_version == version]
+    return _score_global(
+        state,
+        version,
+        state.global_weights,
+        {u.site: dict(u.metrics) for u in fresh},
+        sorted({u.site for u in fresh}, key=state.sites.index),
+        {u.site: u.num_cases for u in fresh},
+    )
 
 
 def async_complete(state: ExperimentState, now: float) -> str | None:

@@ -53,6 +53,9 @@ def test_async_two_sites_one_slowed_end_with_the_sync_total_and_nnunet_folders(
     assert prog.consumed_epochs == 6 == sum(prog.applied_epochs.values())
     assert prog.applied_epochs[fast] > prog.applied_epochs[slow] >= 1
     assert prog.version == len(state.history) == 6  # buffer_size 1: one version per update
+    # Every site scored the last version (evaluate phase) and a best version was chosen.
+    assert set(state.final_global_eval) == set(SITES) and state.final_global_dice is not None
+    assert state.best_global is not None and 0 <= state.best_global_round <= 6
     # nnU-Net's poly LR follows the federation's progress when the epoch started (buffer
     # size 1: version b holds b site-epochs), not the site's own epoch counter.
     for record in state.history:
@@ -65,6 +68,8 @@ def test_async_two_sites_one_slowed_end_with_the_sync_total_and_nnunet_folders(
         )
         fold = folder / "fold_0"
         assert (fold / "checkpoint_final.pth").is_file()
+        # The best version by the EMA of fresh federated scores, as after sync rounds.
+        assert (fold / "checkpoint_best.pth").is_file()
         summary = json.loads((fold / "validation" / "summary.json").read_text())
         assert state.final_metrics[site]["mean_dice"] == pytest.approx(
             summary["foreground_mean"]["Dice"], abs=1e-6

@@ -152,7 +152,7 @@ def test_async_ends_at_the_target_after_applying_the_last_buffer():
     asy.apply_version(s, acts[0], asy.VersionResult(REF, keys), 2.2)
     assert sm.async_complete(s, 2.3) == "3 site-epochs consumed"
     sm.apply_async_closed(s, "3 site-epochs consumed", 2.3)
-    assert s.phase == "validate"
+    assert s.phase == "evaluate"  # the last version is scored everywhere, then validated
 
 
 def test_async_ends_at_max_wall_s():
@@ -182,3 +182,50 @@ def test_status_and_watch_show_versions_epochs_staleness_and_idle():
     text = console.export_text()
     assert "version 0, 0/6 site-epochs" in text
     assert "staleness" in text and "idle" in text
+
+
+def _scored(site, epoch, base, dice):
+    report = _report(site, epoch, base)
+    report.metrics = {"global_pseudo_dice": dice}
+    return report
+
+
+def _apply_next(s, now, ref):
+    act = next(a for a in sm.next_actions(s, now) if isinstance(a, asy.ApplyBuffer))
+    keys = [s.asynchronous.key(u) for u in act.updates]
+    asy.apply_version(s, act, asy.VersionResult(ref, keys, weights=dict.fromkeys(keys, 0.5)), now)
+    for a in sm.next_actions(s, now):
+        if isinstance(a, sm.Dispatch):
+            sm.apply_dispatched(s, a, now)
+
+
+def test_async_best_global_follows_the_ema_of_fresh_scores_and_ends_after_evaluate():
+    """Each version is scored by the updates that started from it (case-weighted over the
+    declared cases); stale updates' scores of older versions stay out; nnU-Net's EMA
+    (0.9 old + 0.1 new) picks the best version; the evaluate phase scores the last one."""
+    s = _state(buffer_size=2, rounds=3)
+    v1 = ArtifactRef(bucket="g", key="v1", sha256="1" * 64, size=1)
+    v2 = ArtifactRef(bucket="g", key="v2", sha256="2" * 64, size=1)
+    _dispatch_all(s, 1.0)
+    s.global_weights = REF  # version 0 exists (pretrained)
+    sm.apply_report(s, _scored("a", 1, 0, 0.2), 2.0)
+    sm.apply_report(s, _scored("b", 1, 0, 0.5), 2.0)
+    _apply_next(s, 2.1, v1)
+    v0_score = (0.2 * 10 + 0.5 * 20) / 30
+    assert s.last_round.global_dice == pytest.approx(v0_score)
+    assert s.best_global == REF and s.best_global_round == 0
+    # a (from v1) scores v1 high; c still trains from v0 and scores it: not counted.
+    sm.apply_report(s, _scored("a", 2, 1, 0.9), 3.0)
+    sm.apply_report(s, _scored("c", 1, 0, 0.0), 3.0)
+    _apply_next(s, 3.1, v2)
+    ema = 0.9 * v0_score + 0.1 * 0.9
+    assert s.last_round.global_dice == pytest.approx(0.9)
+    assert s.global_dice_ema == pytest.approx(ema)
+    assert s.best_global == v1 and s.best_global_round == 1
+    sm.apply_async_closed(s, "wall", 3.2)
+    assert s.phase == Phase.EVALUATE
+    for site, dice in (("a", 0.0), ("b", 0.0), ("c", 0.0)):
+        s.sites_status[site].report = _scored(site, 0, 2, dice)
+    sm.apply_evaluated(s, 3.3)
+    assert s.phase == Phase.VALIDATE
+    assert s.final_global_dice == 0.0 and s.best_global == v1  # the worse last one loses
