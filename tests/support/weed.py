@@ -53,6 +53,12 @@ def weed_binary() -> str:
     return weed if os.access(weed, os.X_OK) else (shutil.which("weed") or weed)
 
 
+class WeedStartFailed(RuntimeError):
+    def __init__(self, message: str, died: bool) -> None:
+        super().__init__(message)
+        self.died = died
+
+
 class WeedServer:
     """Start/stop a ``weed mini``; restarting it on the same folder keeps the objects."""
 
@@ -68,6 +74,7 @@ class WeedServer:
     ) -> None:
         self.dir, self.addr = Path(data_dir), addr
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        self._own_ports = port is None  # chosen here: another block may be tried
         self.port = port if port is not None else free_port_block(addr)
         self.identities = self.dir / "identities.json"
         self.identities.write_text(json.dumps(identities))
@@ -92,7 +99,20 @@ class WeedServer:
             *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, timeout_s: float = 60) -> None:
+    def start(self, timeout_s: float = 60, attempts: int = 3) -> None:
+        """Start and wait until S3 answers. A server that exits during start-up on ports
+        chosen here (one of weed's many listeners lost a race for its port to another
+        process) is started again on another free block."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once(timeout_s)
+                return
+            except WeedStartFailed as exc:
+                if not (exc.died and self._own_ports) or attempt == attempts:
+                    raise
+                self.port = free_port_block(self.addr)
+
+    def _start_once(self, timeout_s: float) -> None:
         log = open(self.dir / "weed.log", "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(  # noqa: S603 - the weed binary of our venv, argv list
             self.argv(),
@@ -109,9 +129,10 @@ class WeedServer:
             if self.answers():
                 return
             time.sleep(0.2)
+        died = self.proc.poll() is not None
         tail = (self.dir / "weed.log").read_text(errors="replace")[-2000:]
         self.stop()
-        raise RuntimeError(f"private S3 did not come up on {self.endpoint}:\n{tail}")
+        raise WeedStartFailed(f"private S3 did not come up on {self.endpoint}:\n{tail}", died)
 
     def answers(self) -> bool:
         """Any HTTP status (403 for anonymous requests) means S3 is serving."""
