@@ -191,9 +191,7 @@ def round_summary(state: ExperimentState) -> str:
     """``round k/N`` while training, else how many of the N rounds were completed."""
     prog = state.asynchronous
     if prog is not None:
-        return (
-            f"version {prog.version}, {prog.consumed_epochs}/{prog.target_epochs} site-epochs"
-        )
+        return f"version {prog.version}, {prog.consumed_epochs}/{prog.target_epochs} site-epochs"
     completed = state.rounds_closed
     if state.phase == Phase.TRAIN and state.round:
         return f"round {min(state.round, state.options.rounds)}/{state.options.rounds}"

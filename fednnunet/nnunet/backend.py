@@ -73,9 +73,7 @@ class NnunetBackend:
 
         return plans_sha256(plans)
 
-    def session(
-        self, dataset_id: int, options: ExperimentOptions, run_id: str, **more: Any
-    ) -> Any:
+    def session(self, dataset_id: int, options: ExperimentOptions, run_id: str, **more: Any) -> Any:
         """The training session of one experiment (``FederatedTrainingSession``); ``more``:
         its ``trainer_folder`` and ``lr_scale`` (a fine-tuned model beside the federated one).
         """

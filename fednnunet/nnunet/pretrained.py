@@ -34,8 +34,10 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
         raise FedError(f"pretrained weights {path}: not a loadable checkpoint ({exc})") from None
     weights = ckpt.get(CHECKPOINT_WEIGHTS, ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(weights, dict) or not weights or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    if (
+        not isinstance(weights, dict)
+        or not weights
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())
     ):
         raise FedError(f"pretrained weights {path}: no 'network_weights' tensors in it")
     out = {}
