@@ -1,7 +1,7 @@
 """Shared benchmark helpers: timing, machine description, result tables and JSON.
 
 Each benchmark module exposes ``run(quick: bool) -> BenchResult``; the runner
-prints the table and writes ``bench/out/<name>.json``. Timings on a shared
+prints the table and writes ``bench/results/<name>.json``. Timings on a shared
 2-core machine are noisy, so every figure is a median over repeats and every
 comparison is a ratio measured in the same run.
 """
@@ -21,7 +21,7 @@ from typing import Any
 # Benchmarks run on the local development stack (well-known credentials).
 os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+OUT_DIR = Path(__file__).resolve().parent / "results"  # tracked: RESULTS.md is made from it
 
 
 @dataclass
