@@ -170,13 +170,16 @@ class GlobalEvaluator:
         return float(statistics.mean(all_scores)), per_site
 
 
-def run(quick: bool = False) -> BenchResult:
+def run(
+    quick: bool = False, rounds: int | None = None, iterations: int | None = None
+) -> BenchResult:
 
     from fednnunet.cli.simulate import LocalFederation
     from fednnunet.nnunet.demo_data import make_demo_federation
     from fednnunet.settings import get_settings
 
-    rounds, iterations = (3, 3) if quick else (4, 5)
+    rounds = rounds or (3 if quick else 6)
+    iterations = iterations or (3 if quick else 10)
     params = {"rounds": rounds, "iterations_per_epoch": iterations, "val_iterations_per_epoch": 1}
     settings = get_settings()
     root = Path(tempfile.mkdtemp(prefix="fednnunet-p7-"))
@@ -306,17 +309,23 @@ def evaluate(settings, env, root, sites, runs, rounds, iterations, deadline) -> 
             "Global Dice: every round's / version's global evaluated after the run with "
             "nnU-Net's predictor (no mirroring) on every site's fold-0 validation cases, "
             "case-weighted; per-site Dice: nnU-Net's own final validation at the site.",
-            "Shared, loaded 2-core machine: walls are upper bounds; one run (one seed).",
+            "2-core machine (load average in the header): walls are upper bounds; one run "
+            "(one seed).",
         ],
         raw=raw,
     )
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
     from bench.common import print_result, write_json
 
-    result = run(quick="--quick" in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 rounds x 3 iterations")
+    parser.add_argument("--rounds", type=int, help="sync rounds (async: the same site-epochs)")
+    parser.add_argument("--iterations", type=int, help="iterations per local epoch")
+    args = parser.parse_args()
+    result = run(quick=args.quick, rounds=args.rounds, iterations=args.iterations)
     print_result(result)
     print(write_json(result))

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchResult, Target, print_result, write_json
+from bench.common import OUT_DIR, BenchResult, Target, print_result, write_json
 from bench.pooled import (
     foreground_dice_of_cases,
     leak_free_splits,
@@ -402,6 +402,64 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f} ± {spread:.3f}"
 
 
+def global_dice_curves(state_json: dict) -> dict[str, list[tuple[int, float]]]:
+    """Per site and case-weighted: (global after round k, its federated pseudo-Dice).
+
+    Round k's record holds the scores of the global that round started from (k - 1);
+    the evaluate phase scores the last one."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in state_json["history"]:
+        scored = record["round"] - 1
+        for site, metrics in record["metrics"].items():
+            if metrics.get("global_pseudo_dice") is not None:
+                curves.setdefault(site, []).append((scored, metrics["global_pseudo_dice"]))
+        if record.get("global_dice") is not None:
+            curves.setdefault("case-weighted", []).append((scored, record["global_dice"]))
+    last = state_json["rounds_closed"]
+    for site, metrics in (state_json.get("final_global_eval") or {}).items():
+        if metrics.get("global_pseudo_dice") is not None:
+            curves.setdefault(site, []).append((last, metrics["global_pseudo_dice"]))
+    if state_json.get("final_global_dice") is not None:
+        curves.setdefault("case-weighted", []).append((last, state_json["final_global_dice"]))
+    return curves
+
+
+def plot_global_dice(per_seed: dict, path: Path) -> Path:
+    """One panel per federated arm: the global model's pseudo-Dice at each site, every round
+    (solid: first seed, dashed: the others)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colors: dict[str, Any] = {}
+    for ax, arm in zip(axes, ("ffe", "asym"), strict=True):
+        for i, (seed, result) in enumerate(per_seed.items()):
+            curves = global_dice_curves(result["extra"][arm]["info"]["state"])
+            for label, points in sorted(curves.items()):
+                xs, ys = zip(*sorted(points), strict=True)
+                color = colors.setdefault(label, f"C{len(colors)}")
+                ax.plot(
+                    xs,
+                    ys,
+                    color=color,
+                    linestyle="-" if i == 0 else "--",
+                    linewidth=2.5 if label == "case-weighted" else 1.2,
+                    label=f"{label} (seed {seed})",
+                )
+        ax.set_title(f"{ARM_TITLES[arm]}: global model at each site")
+        ax.set_xlabel("global after round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("pseudo-Dice on the site's val cases")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def run(quick: bool = False, hard: bool = False) -> BenchResult:
     """Entry point of ``python -m bench.run quality [--quick] [--hard]``."""
     if quick:
@@ -455,6 +513,7 @@ def measure(
             saved.write_text(json.dumps({"length": length, "result": per_seed[seed]}))
         print(f"seed {seed}: {json.dumps(per_seed[seed]['dice'])}", flush=True)
     bench_wall = time.perf_counter() - t_bench
+    plot = plot_global_dice(per_seed, OUT_DIR / f"{name}_global_dice.png")
 
     # ---- quality table: per site and mean over sites, mean ± spread over seeds ----------
     def values(arm: str, site: str | None) -> list[float]:
@@ -527,6 +586,8 @@ def measure(
         f"{statistics.median(overheads):.2f}s over {len(overheads)} rounds"
         if overheads
         else "no overhead measured",
+        f"per-round global-model Dice at each site (federated evaluation of the incoming "
+        f"global, every seed): {plot.relative_to(REPO)}",
         f"peak RSS while planning (process tree): federation {fed_peak / 1e9:.2f} GB "
         f"(coordinator + 3 site workers and their children), centralized "
         f"{cen_peak / 1e9:.2f} GB",
