@@ -38,6 +38,7 @@ from fednnunet.core.update_checks import (
     l2_norm,
     majority_signature,
     norm_outliers,
+    screen_values,
     signature_problems,
     update_problems,
 )
@@ -160,8 +161,7 @@ class RoundFold:
         norm = None
         if not problems:
             tensors = load_weights_file(path, self.names)
-            problems = update_problems(tensors, reference_norm=self.reference_norm)
-            norm = l2_norm(tensors)
+            problems, norm = screen_values(tensors, reference_norm=self.reference_norm)
             del tensors
         verdict = (problems[:3], None if problems else norm)
         with self._lock:
@@ -394,8 +394,7 @@ def screen_fetched(
     for key, (_, path, _) in list(fetched.items()):
         try:
             tensors = load_weights_file(path, shared)
-            problems = update_problems(tensors, reference_norm=ref_norm)
-            norms[key] = l2_norm(tensors)
+            problems, norms[key] = screen_values(tensors, reference_norm=ref_norm)
             del tensors
         except Exception as exc:  # noqa: BLE001 - e.g. a truncated or garbage body
             problems = [_one_line(exc)]

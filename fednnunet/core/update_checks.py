@@ -25,9 +25,21 @@ def update_problems(
     max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
 ) -> list[str]:
     """Every reason to refuse this update (empty list: acceptable)."""
+    return screen_values(update, expected_shapes, reference_norm, max_norm_ratio)[0]
+
+
+def screen_values(
+    update: Mapping[str, torch.Tensor],
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    reference_norm: float | None = None,
+    max_norm_ratio: float = DEFAULT_MAX_NORM_RATIO,
+) -> tuple[list[str], float]:
+    """(every reason to refuse, L2 norm over the float tensors) from one pass over the
+    values: the coordinator needs both, and a second norm pass over a 125 MB update
+    would sit on the round's critical path."""
     problems: list[str] = []
     if not update:
-        return ["update has no tensors"]
+        return ["update has no tensors"], 0.0
     floats = {n: t for n, t in update.items() if t.is_floating_point()}
     norms = _norms(list(floats.values()))
     sq = 0.0
@@ -52,7 +64,7 @@ def update_problems(
             f"L2 norm {norm:.3g} is more than {max_norm_ratio:g}x the global norm "
             f"{reference_norm:.3g}"
         )
-    return problems
+    return problems, norm
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[float]:
