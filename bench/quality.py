@@ -475,6 +475,7 @@ def measure(
     hard: bool = False,
     workdir: Path | None = None,
     reuse: bool = False,
+    tag: str = "",
 ) -> BenchResult:
     """Run every arm for every seed; ``reuse``: keep seeds already finished in ``workdir``.
 
@@ -487,7 +488,7 @@ def measure(
     if len(seeds) < 2:
         raise ValueError("at least 2 seeds: the spread between seeds is part of the result")
     t_bench = time.perf_counter()
-    name = "quality_hard" if hard else "quality"
+    name = ("quality_hard" if hard else "quality") + (f"_{tag}" if tag else "")
     root = (workdir or REPO / "bench" / "out" / f"{name}_run").resolve()
     length = {"hard": hard, "rounds": rounds, "iterations": iterations, "val": val_iterations}
     if root.exists() and not reuse:
@@ -552,8 +553,17 @@ def measure(
     }
     slowest = max(site_train.values())
     overheads = [r.overhead_s() for r in state.history if r.overhead_s() is not None]
+    # The federated evaluation of the incoming global (issue 10) runs inside the round,
+    # outside local training: reported on its own so the federation's cost stays visible.
+    evals = [
+        max(m.get("global_eval_s", 0.0) for m in r.metrics.values())
+        for r in state.history
+        if r.metrics
+    ]
+    eval_total = sum(evals)
     fed_train_wall = pt.get("validate", fed_wall) - pt.get("train", 0.0)
     b4 = fed_train_wall / slowest
+    b4_without_eval = (fed_train_wall - eval_total) / slowest
     b5 = fed_train_wall / cen["train_s"]
     b6_wall = fed_planning / cen["plan_s"]
     federation = (
@@ -583,7 +593,9 @@ def measure(
         f"{slowest:.1f}s; centralized plan+preprocess {cen['plan_s']:.1f}s, training "
         f"{cen['train_s']:.1f}s",
         f"per-round overhead outside local training: median "
-        f"{statistics.median(overheads):.2f}s over {len(overheads)} rounds"
+        f"{statistics.median(overheads):.2f}s over {len(overheads)} rounds, of which the "
+        f"federated evaluation of the incoming global (slowest site) median "
+        f"{statistics.median(evals or [0.0]):.2f}s"
         if overheads
         else "no overhead measured",
         f"per-round global-model Dice at each site (federated evaluation of the incoming "
@@ -602,7 +614,7 @@ def measure(
         Target(
             "B4",
             "federated training wall <= 1.10 x slowest site's local training",
-            f"{b4:.2f}x",
+            f"{b4:.2f}x ({b4_without_eval:.2f}x without the per-round federated evaluation)",
             b4 <= 1.10,
         ),
         Target("B5", "simulation wall <= 1.2 x centralized training wall", f"{b5:.2f}x", b5 <= 1.2),
@@ -625,7 +637,8 @@ def measure(
     return BenchResult(
         name=name,
         title=f"FFE vs AsymFedAvg vs centralized vs local-only nnU-Net"
-        f"{' (hard demo federation)' if hard else ''}: Dice on each site's fold-0 val cases",
+        f"{' (hard demo federation)' if hard else ''}, {rounds} epochs x {iterations} "
+        f"iterations: Dice on each site's fold-0 val cases",
         columns=["site"]
         + [ARM_TITLES[a] for a in ARMS]
         + ["FFE − centralized", "FFE − local-only"],
@@ -668,6 +681,9 @@ def main() -> None:
         action="store_true",
         help="keep seeds already finished (same length) in the work folder",
     )
+    parser.add_argument(
+        "--tag", default="", help="a second result beside the main one (quality_<tag>.json)"
+    )
     args = parser.parse_args()
     stack_up = ["bash", str(REPO / "deploy" / "local" / "stack.sh"), "up"]
     subprocess.run(stack_up, check=True)  # noqa: S603, S607 - the repo's stack script
@@ -678,6 +694,7 @@ def main() -> None:
         tuple(args.seeds),
         hard=args.hard,
         reuse=args.reuse,
+        tag=args.tag,
     )
     print_result(result)
     print(f"  -> {write_json(result)}")
