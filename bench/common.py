@@ -20,6 +20,12 @@ from typing import Any
 
 # Benchmarks run on the local development stack (well-known credentials).
 os.environ.setdefault("FEDNNUNET_DEVELOPMENT", "true")
+# This checkout's local S3 (deploy/local/stack.sh keeps its port there).
+_STACK_DIR = Path(os.environ.get("FEDNNUNET_STACK_DIR", Path(__file__).parents[1] / ".stack"))
+if (_STACK_DIR / "s3_port").is_file():
+    os.environ.setdefault(
+        "FEDNNUNET_S3_ENDPOINT", f"127.0.0.1:{(_STACK_DIR / 's3_port').read_text().strip()}"
+    )
 
 OUT_DIR = Path(__file__).resolve().parent / "results"  # tracked: RESULTS.md is made from it
 

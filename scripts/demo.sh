@@ -9,4 +9,9 @@ cd "$REPO"
 export FEDNNUNET_DEVELOPMENT="${FEDNNUNET_DEVELOPMENT:-true}"
 bash scripts/setup.sh
 bash deploy/local/stack.sh up
+# This checkout's S3 server (on another port when another checkout's holds 8333).
+STACK_DIR="${FEDNNUNET_STACK_DIR:-$REPO/.stack}"
+if [[ -z "${FEDNNUNET_S3_ENDPOINT:-}" && -f "$STACK_DIR/s3_port" ]]; then
+  export FEDNNUNET_S3_ENDPOINT="127.0.0.1:$(cat "$STACK_DIR/s3_port")"
+fi
 exec .venv/bin/fednnunet demo "$@"

@@ -15,7 +15,10 @@
 #   FEDNNUNET_BUCKET_PREFIX   bucket prefix (default fednnunet)
 #   FEDNNUNET_S3_ACCESS_KEY / FEDNNUNET_S3_SECRET_KEY   admin keys (fednnunet / fednnunet-secret)
 #   FEDNNUNET_CREDENTIAL_SEED seed the per-site secrets are derived from
-#   FEDNNUNET_S3_PORT         S3 port (default 8333)
+#   FEDNNUNET_S3_PORT         S3 port (default 8333; when another checkout's S3 server
+#                             holds it, the first free block from 18333 on). The port in
+#                             use is kept in <state dir>/s3_port: scripts/demo.sh and
+#                             bench read it (FEDNNUNET_S3_ENDPOINT=127.0.0.1:<port>)
 #   FEDNNUNET_WEED_MEMLIMIT   GOMEMLIMIT for weed (default 512MiB)
 #   FEDNNUNET_WEED_MAX_VOLUMES  volume slots (default 4000): every bucket takes several
 #                             volumes, and the automatic limit ran out after ~100 buckets
@@ -23,7 +26,11 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 STACK_DIR="${FEDNNUNET_STACK_DIR:-$REPO/.stack}"
-S3_PORT="${FEDNNUNET_S3_PORT:-8333}"
+PORT_FILE="$STACK_DIR/s3_port"
+DEFAULT_S3_PORT=8333
+if [[ -n "${FEDNNUNET_S3_PORT:-}" ]]; then S3_PORT="$FEDNNUNET_S3_PORT"
+elif [[ -f "$PORT_FILE" ]]; then S3_PORT="$(cat "$PORT_FILE")"
+else S3_PORT="$DEFAULT_S3_PORT"; fi
 PY="${FEDNNUNET_PYTHON:-$REPO/.venv/bin/python}"
 [[ -x "$PY" ]] || PY="$(command -v python3)"
 export FEDNNUNET_SITES="${FEDNNUNET_SITES:-901 902 903}"
@@ -67,7 +74,7 @@ s3_answers() {
 }
 
 ensure_buckets() {
-  "$PY" - <<'EOF'
+  FEDNNUNET_S3_PORT="$S3_PORT" "$PY" - <<'EOF'
 import os
 from minio import Minio
 from fednnunet.deploy.provisioning import all_buckets
@@ -93,6 +100,37 @@ write_identities() { # prints "changed" when the file content changed
   fi
 }
 
+# weed mini listens on 5 services (s3, master, volume, filer, admin) and their grpc
+# ports (+10000). On 8333 weed's own defaults are used; on another port a block of its
+# own (s3 = p, master p+1, volume p+2, filer p+3, admin p+4, grpc + 10000).
+weed_port_args() {
+  [[ "$S3_PORT" == "$DEFAULT_S3_PORT" ]] && return 0
+  local i name
+  i=0
+  for name in s3 master volume filer admin; do
+    printf -- '-%s.port=%s -%s.port.grpc=%s ' "$name" $((S3_PORT + i)) "$name" $((S3_PORT + 10000 + i))
+    i=$((i + 1))
+  done
+}
+
+block_free() { # base: all 10 ports of the block unused
+  local i
+  for i in 0 1 2 3 4; do
+    port_open 127.0.0.1 $(($1 + i)) && return 1
+    port_open 127.0.0.1 $(($1 + 10000 + i)) && return 1
+  done
+  return 0
+}
+
+choose_free_block() {
+  local base
+  for base in $(seq 18333 10 19333); do
+    block_free "$base" && { S3_PORT="$base"; return 0; }
+  done
+  echo "no free port block for the S3 server in 18333-19343" >&2
+  return 1
+}
+
 start_weed() {
   local weed
   weed="$(find_weed)"
@@ -101,11 +139,12 @@ start_weed() {
   # and $! is weed itself. 9>&-: weed must not inherit the lock.
   set -m
   GOMEMLIMIT="${FEDNNUNET_WEED_MEMLIMIT:-512MiB}" "$weed" mini \
-    -dir="$STACK_DIR/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
+    -dir="$STACK_DIR/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" $(weed_port_args) \
     -s3.config="$IDENT" -admin.ui=false -webdav=false \
     -master.volumeSizeLimitMB=256 -volume.max="${FEDNNUNET_WEED_MAX_VOLUMES:-4000}" \
     -s3.port.iceberg=0 -s3.port.lance=0 >>"$LOG_FILE" 2>&1 </dev/null 9>&- &
   echo $! >"$PID_FILE"
+  echo "$S3_PORT" >"$PORT_FILE"
   set +m
   local i
   for i in $(seq 1 120); do
@@ -178,8 +217,15 @@ cmd_up() {
       start_weed
     fi
   elif s3_answers; then
-    echo "port $S3_PORT already serves something not started by this script" >&2
-    return 1
+    if [[ -n "${FEDNNUNET_S3_PORT:-}" ]]; then
+      echo "port $S3_PORT already serves something not started by this script" >&2
+      return 1
+    fi
+    # Another checkout's server (or anything else) holds the port: this checkout's
+    # server gets a block of its own.
+    echo "port $S3_PORT is taken by another S3 server: starting this checkout's elsewhere"
+    choose_free_block
+    start_weed
   else
     start_weed
   fi
