@@ -40,7 +40,7 @@ _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NoSuchBucket", "ResourceNotFound"}
 SINGLE_PUT_BYTES = 256 << 20
 
 
-def sha256_bytes(data: bytes) -> str:
+def sha256_bytes(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -230,7 +230,12 @@ class ArtifactStore:
 
     # -- writing -----------------------------------------------------------
     def put_bytes(
-        self, bucket: str, key: str, data: bytes, kind: str = "blob", cache: bool = False
+        self,
+        bucket: str,
+        key: str,
+        data: bytes | bytearray,
+        kind: str = "blob",
+        cache: bool = False,
     ) -> ArtifactRef:
         """Upload once (same bytes again: no-op); ``cache``: keep a copy for get_file."""
         if len(data) > self.max_object_bytes:
@@ -262,7 +267,7 @@ class ArtifactStore:
             self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
         return ref
 
-    def _put_once(self, bucket: str, key: str, data: bytes, sha: str) -> None:
+    def _put_once(self, bucket: str, key: str, data: bytes | bytearray, sha: str) -> None:
         """One PUT that only creates: ``If-None-Match: *`` makes write-once atomic on
         servers that support conditional writes (AWS, MinIO, SeaweedFS), so two writers
         racing past the stat cannot both succeed with different bytes."""

@@ -2,6 +2,12 @@
 
 The alias map travels in the safetensors metadata (a JSON string), so a
 receiver can rebuild the exact key set nnU-Net expects.
+
+Encoding writes the safetensors layout straight into one buffer (one copy of the
+tensors; ``safetensors.torch.save`` makes two and took 26 ms for the 31 MB 2d model
+where this takes 2.4 ms). Decoding checks the header first, then views the tensors
+in the buffer without a copy. Files written here are read by ``safetensors`` itself
+(tests check both ways).
 """
 
 from __future__ import annotations
@@ -14,9 +20,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from safetensors.torch import save_file as st_save_file
 
 from fednnunet.core.tensors import join_aliases, split_aliases
 from fednnunet.errors import FedError
@@ -25,10 +28,13 @@ ALIASES_META = "fednnunet.aliases"
 # safetensors' own limit on the JSON header; a larger one is not a weights file.
 MAX_HEADER_BYTES = 100 << 20
 MAX_DIM = 1 << 31
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1,
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_ITEMSIZE = {code: dtype.itemsize for code, dtype in _DTYPES.items()}
 
 
 class MalformedWeights(FedError):
@@ -55,16 +61,43 @@ def _prepare(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
 
 def encode_weights(
     state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> bytes:
+) -> bytearray:
+    """The safetensors bytes of ``state`` (aliases stored once), built in one buffer.
+
+    Tensors are laid out largest item size first, then by name (as safetensors does),
+    so the same state always gives the same bytes (write-once keys rely on it)."""
     tensors, meta = _prepare(state, metadata)
-    return st_save(tensors, metadata=meta)
+    unknown = [n for n, t in tensors.items() if t.dtype not in _CODES]
+    if unknown:
+        raise FedError(f"cannot encode tensor {unknown[0]!r} of dtype {tensors[unknown[0]].dtype}")
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, end]}  # fmt: skip
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # tensors start 8-byte aligned
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = len(head).to_bytes(8, "little")
+    out[8 : 8 + len(head)] = head
+    if offset:
+        body = torch.frombuffer(out, dtype=torch.uint8, offset=8 + len(head))
+        for name in order:
+            t = tensors[name]
+            begin, end = header[name]["data_offsets"]  # type: ignore[index]
+            if end > begin:
+                body[begin:end].copy_(t.reshape(-1).view(torch.uint8))
+    return out
 
 
 def save_weights_file(
     state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None
 ) -> None:
-    tensors, meta = _prepare(state, metadata)
-    st_save_file(tensors, str(path), metadata=meta)
+    Path(path).write_bytes(encode_weights(state, metadata))
 
 
 def _aliases(meta: Mapping[str, str] | None) -> dict[str, str]:
@@ -82,48 +115,48 @@ def _aliases(meta: Mapping[str, str] | None) -> dict[str, str]:
     return aliases
 
 
-def decode_weights(data: bytes, expand_aliases: bool = True) -> dict[str, torch.Tensor]:
-    tensors = st_load(data)
+def decode_weights(data: bytes | bytearray, expand_aliases: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of in-memory safetensors bytes, after the same header checks as a
+    file. A ``bytearray`` is viewed without a copy (the tensors share it)."""
+    size = len(data)
+    n = int.from_bytes(data[:8], "little") if size >= 8 else 0
+    header = _checked_header(bytes(data[8 : 8 + n]) if size >= 8 else b"", n, size)
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    base = 8 + n
+    tensors = {}
+    for name, (dtype, shape, begin, end) in header.layout.items():
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=_DTYPES[dtype])
+            continue
+        count = math.prod(shape)
+        flat = torch.frombuffer(buffer, dtype=_DTYPES[dtype], count=count, offset=base + begin)
+        tensors[name] = flat.view(shape)
     if not expand_aliases:
         return tensors
-    with _header_reader(data) as meta:
-        return join_aliases(tensors, _aliases(meta))
+    return join_aliases(tensors, header.aliases)
 
 
-class _header_reader:
-    """Reads the metadata of in-memory safetensors bytes (header only)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __enter__(self) -> dict[str, str]:
-        n = int.from_bytes(self.data[:8], "little")
-        header = json.loads(self.data[8 : 8 + n])
-        return header.get("__metadata__", {}) or {}
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+@dataclass(frozen=True)
+class _Parsed(WeightsHeader):
+    layout: dict[str, tuple[str, tuple[int, ...], int, int]]
 
 
-def read_header(path: Path) -> WeightsHeader:
-    """The checked header of a safetensors file: every tensor's dtype, shape and byte
-    range must agree and lie inside the file, every alias must name a tensor."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        if size < 8 or not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-            raise MalformedWeights(f"not a safetensors file (header length {n}, file {size} B)")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise MalformedWeights(f"header is not JSON: {exc}") from None
+def _checked_header(raw: bytes, n: int, size: int) -> _Parsed:
+    """Check a safetensors header (``raw``: its ``n`` JSON bytes; ``size``: the whole
+    object): every tensor's dtype, shape and byte range agree, the ranges tile the data
+    without gap or overlap, every alias names a stored tensor."""
+    if size < 8 or not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+        raise MalformedWeights(f"not a safetensors file (header length {n}, file {size} B)")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise MalformedWeights(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise MalformedWeights("header is not a mapping")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise MalformedWeights("metadata must map names to strings")
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
+    layout: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
     data_bytes = size - 8 - n
     for name, info in header.items():
         try:
@@ -142,12 +175,35 @@ def read_header(path: Path) -> WeightsHeader:
             ok = False
         if not ok:
             raise MalformedWeights(f"tensor {name[:80]!r}: inconsistent dtype/shape/offsets")
-        shapes[name], dtypes[name] = tuple(shape), dtype
+        layout[name] = (dtype, tuple(shape), begin, end)
+    position = 0
+    for _, _, begin, end in sorted(layout.values(), key=lambda v: (v[2], v[3])):
+        if begin != position:
+            raise MalformedWeights("tensor data overlaps or leaves a gap")
+        position = end
+    if position != data_bytes:
+        raise MalformedWeights(f"{data_bytes - position} bytes after the last tensor")
     aliases = _aliases(meta)
-    dangling = [a for a, c in aliases.items() if c not in shapes or a in shapes]
+    dangling = [a for a, c in aliases.items() if c not in layout or a in layout]
     if dangling:
         raise MalformedWeights(f"alias {dangling[0][:80]!r} does not name one stored tensor")
-    return WeightsHeader(shapes, dtypes, aliases, meta)
+    return _Parsed(
+        shapes={k: v[1] for k, v in layout.items()},
+        dtypes={k: v[0] for k, v in layout.items()},
+        aliases=aliases,
+        metadata=meta,
+        layout=layout,
+    )
+
+
+def read_header(path: Path) -> WeightsHeader:
+    """The checked header of a safetensors file (see :func:`_checked_header`)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n) if size >= 8 and 2 <= n <= min(MAX_HEADER_BYTES, size - 8) else b""
+    h = _checked_header(raw, n, size)
+    return WeightsHeader(h.shapes, h.dtypes, h.aliases, h.metadata)
 
 
 def read_file_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict]:

@@ -349,7 +349,7 @@ def test_boom_payload_runs_when_unpickled():
 @pytest.mark.parametrize("kind", ["pickle", "torch.save"])
 def test_weights_codec_refuses_pickle_payloads(kind):
     """A pickle (even one that would run code) is rejected by the decoder, not run."""
-    from safetensors import SafetensorError
+    from fednnunet.adapters.weights_codec import MalformedWeights
 
     UNPICKLED.clear()
     if kind == "pickle":
@@ -358,6 +358,6 @@ def test_weights_codec_refuses_pickle_payloads(kind):
         buf = io.BytesIO()
         torch.save({"encoder.w": torch.zeros(2), "boom": _Boom()}, buf)
         payload = buf.getvalue()
-    with pytest.raises(SafetensorError):
+    with pytest.raises(MalformedWeights):
         decode_weights(payload)
     assert UNPICKLED == [], "decode_weights ran code from a pickle"
