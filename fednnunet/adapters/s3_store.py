@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -111,6 +112,9 @@ class ArtifactStore:
         self.cache_dir = cache_dir
         # The verified-object cache is bounded: least recently used entries go first.
         self.cache_max_bytes = cache_max_bytes
+        self._seeder: ThreadPoolExecutor | None = None
+        self._seeding: dict[Path, Future] = {}
+        self._seeding_lock = threading.Lock()
         self.max_object_bytes = settings.max_object_bytes
         self.endpoint_url = ("https://" if settings.s3_secure else "http://") + settings.s3_endpoint
         if client is None:
@@ -244,9 +248,12 @@ class ArtifactStore:
                 f"over the {self.max_object_bytes}-byte limit"
             )
         sha = sha256_bytes(data)
-        existing = self.stat(bucket, key)
-        if existing is not None:
-            return self._same_or_error(existing, sha, len(data))
+        if not self._conditional_put(data):
+            existing = self.stat(bucket, key)
+            if existing is not None:
+                return self._same_or_error(existing, sha, len(data))
+        # A conditional PUT needs no stat first: an existing object refuses it (412),
+        # and the stat below tells a no-op from a conflict (one request less per write).
 
         def do() -> None:
             self._put_once(bucket, key, data, sha)
@@ -264,14 +271,18 @@ class ArtifactStore:
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
         self._log_egress(ref, kind)
         if cache:
-            self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
+            self._seed_cache_later(ref, data)
         return ref
+
+    def _conditional_put(self, data: bytes | bytearray) -> bool:
+        """Whether ``data`` goes up in one PUT with ``If-None-Match: *``."""
+        return len(data) <= SINGLE_PUT_BYTES and hasattr(self.client, "_put_object")
 
     def _put_once(self, bucket: str, key: str, data: bytes | bytearray, sha: str) -> None:
         """One PUT that only creates: ``If-None-Match: *`` makes write-once atomic on
         servers that support conditional writes (AWS, MinIO, SeaweedFS), so two writers
         racing past the stat cannot both succeed with different bytes."""
-        if len(data) > SINGLE_PUT_BYTES or not hasattr(self.client, "_put_object"):
+        if not self._conditional_put(data):
             self.client.put_object(
                 bucket, key, io.BytesIO(data), len(data),
                 metadata={SHA_META: sha}, part_size=SINGLE_PUT_BYTES,
@@ -333,15 +344,39 @@ class ArtifactStore:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _seed_cache_later(self, ref: ArtifactRef, data: bytes | bytearray) -> None:
+        """Seed the cache from a background thread: the write (67 ms for the 2d global on
+        this disk) is off the round's critical path; a reader of ``ref`` waits for it."""
+        cached = self.cache_path(ref)
+        if cached is None:
+            return
+        with self._seeding_lock:
+            if self._seeder is None:
+                self._seeder = ThreadPoolExecutor(1, thread_name_prefix="cache-seed")
+            self._seeding[cached] = self._seeder.submit(
+                self._seed_cache, ref, lambda tmp: tmp.write_bytes(data)
+            )
+
+    def _wait_for_seed(self, cached: Path | None) -> None:
+        if cached is None:
+            return
+        with self._seeding_lock:
+            pending = self._seeding.pop(cached, None)
+        if pending is not None:
+            pending.result()
+
     def _trim_cache(self, keep: Path) -> None:
         """Drop least recently used entries until the cache fits ``cache_max_bytes``."""
         if self.cache_dir is None:
             return
         entries = []
         for entry in self.cache_dir.iterdir():
-            if entry.name.startswith(".") or not entry.is_file():
+            try:
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                st = entry.stat()
+            except FileNotFoundError:  # trimmed meanwhile by another thread
                 continue
-            st = entry.stat()
             entries.append((st.st_mtime, st.st_size, entry))
         total = sum(size for _, size, _ in entries)
         for _, size, entry in sorted(entries, key=lambda e: e[0]):
@@ -412,6 +447,7 @@ class ArtifactStore:
         """
         self._check_ref_size(ref)
         cached = self.cache_path(ref)
+        self._wait_for_seed(cached)
         if cached is not None and cached.exists():
             os.utime(cached)  # recently used
             if dest is None:
@@ -462,6 +498,7 @@ class ArtifactStore:
     def evict(self, ref: ArtifactRef | None) -> None:
         """Drop a cached copy that is no longer needed (keeps the cache bounded)."""
         path = self.cache_path(ref) if ref is not None else None
+        self._wait_for_seed(path)
         if path is not None:
             path.unlink(missing_ok=True)
 

@@ -75,9 +75,10 @@ def test_unreachable_s3_is_one_line(stack):
     assert "\n" not in str(err.value)
 
 
-def test_write_once_holds_when_two_writers_race_past_the_stat(stack, unique_id, monkeypatch):
-    """The PUT itself only creates (If-None-Match): a racing writer with other bytes is
-    refused even though its stat saw no object; the same bytes again are accepted."""
+def test_write_once_is_the_put_itself_no_stat_first(stack, unique_id, monkeypatch):
+    """The PUT only creates (If-None-Match): a new object costs one request, a second
+    writer with other bytes is refused by the server (two writers racing cannot both
+    succeed), the same bytes again are a no-op."""
     from fednnunet.errors import IntegrityError
 
     store = ArtifactStore(stack, retry_total_s=5)
@@ -85,15 +86,16 @@ def test_write_once_holds_when_two_writers_race_past_the_stat(stack, unique_id, 
     key = f"{unique_id('race')}/obj"
     first = store.put_bytes("fedtest-store", key, b"first writer")
     real_stat = store.stat
-    calls = {"n": 0}
+    stats: list[str] = []
 
-    def stat_misses_once(bucket, k):
-        calls["n"] += 1
-        return None if calls["n"] == 1 else real_stat(bucket, k)
+    def counted_stat(bucket, k):
+        stats.append(k)
+        return real_stat(bucket, k)
 
-    monkeypatch.setattr(store, "stat", stat_misses_once)
-    with pytest.raises(IntegrityError):
+    monkeypatch.setattr(store, "stat", counted_stat)
+    store.put_bytes("fedtest-store", f"{key}-2", b"another object")
+    assert stats == []  # nothing asked before the PUT
+    with pytest.raises(IntegrityError, match="write-once"):
         store.put_bytes("fedtest-store", key, b"second writer")
-    calls["n"] = 0
     assert store.put_bytes("fedtest-store", key, b"first writer") == first
     assert store.get_bytes(first) == b"first writer"
