@@ -320,8 +320,14 @@ class ArtifactStore:
         return ref
 
     def cache_path(self, ref: ArtifactRef) -> Path | None:
-        """Where the verified copy of ``ref`` is cached: keyed by bucket, key and sha256,
-        so the same bytes under another site's key are never mistaken for this object."""
+        """Where the verified copy of ``ref`` is cached (once a pending write is done)."""
+        cached = self._cache_file(ref)
+        self._wait_for_seed(cached)
+        return cached
+
+    def _cache_file(self, ref: ArtifactRef) -> Path | None:
+        """The cache entry of ``ref``: keyed by bucket, key and sha256, so the same bytes
+        under another site's key are never mistaken for this object."""
         if self.cache_dir is None:
             return None
         ident = hashlib.sha256(f"{ref.bucket}\0{ref.key}\0{ref.sha256}".encode()).hexdigest()
@@ -330,7 +336,7 @@ class ArtifactStore:
     def _seed_cache(self, ref: ArtifactRef, write: Callable[[Path], object]) -> None:
         """Keep what we uploaded in the cache: the coordinator reads each global back
         next round (reference shapes and norm), which then costs no download."""
-        cached = self.cache_path(ref)
+        cached = self._cache_file(ref)
         if cached is None or cached.exists():
             return
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -347,7 +353,7 @@ class ArtifactStore:
     def _seed_cache_later(self, ref: ArtifactRef, data: bytes | bytearray) -> None:
         """Seed the cache from a background thread: the write (67 ms for the 2d global on
         this disk) is off the round's critical path; a reader of ``ref`` waits for it."""
-        cached = self.cache_path(ref)
+        cached = self._cache_file(ref)
         if cached is None:
             return
         with self._seeding_lock:
@@ -421,20 +427,52 @@ class ArtifactStore:
         if ref.size > self.max_object_bytes:
             raise FedError(f"refusing to download {ref.size} bytes: over the object size limit")
 
-    def get_bytes(self, ref: ArtifactRef) -> bytes:
+    def get_bytes(self, ref: ArtifactRef, cache: bool = False) -> bytearray:
+        """The object's bytes, verified. ``cache``: served from the verified cache when
+        there, else downloaded and cached in the background (nothing waits for the disk).
+
+        Read into one buffer, hashed as it arrives: a 31 MB object in 28 ms here, where
+        the file download takes 46 ms (the disk write) and ``read()`` 52 ms (copies)."""
         self._check_ref_size(ref)
-
-        def do() -> bytes:
-            resp = self.client.get_object(ref.bucket, ref.key)
-            try:
-                return resp.read(ref.size + 1)
-            finally:
-                resp.close()
-                resp.release_conn()
-
-        data = self._retry(f"get {ref.bucket}/{ref.key}", do)
-        self._verify(ref, len(data), sha256_bytes(data))
+        cached = self.cache_path(ref) if cache else None
+        if cached is not None and cached.exists():
+            os.utime(cached)
+            data = bytearray(cached.stat().st_size)
+            with open(cached, "rb") as fh:
+                size = fh.readinto(data)
+            # Checked again: the cached bytes were shared with their tensors while the
+            # background write ran (only redelivered tasks read this copy).
+            if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:
+                return data
+            log.warning("cached copy of %s failed verification; downloading again", ref.key)
+            cached.unlink(missing_ok=True)
+        data, sha = self._retry(f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref))
+        self._verify(ref, len(data), sha)
+        if cached is not None:
+            self._seed_cache_later(ref, data)
         return data
+
+    def _read_capped(self, ref: ArtifactRef) -> tuple[bytearray, str]:
+        """The object read into one buffer and hashed per chunk; at most ``ref.size`` + 1
+        bytes are read (a larger object is refused by the verification, rest unread)."""
+        h = hashlib.sha256()
+        buffer = bytearray(ref.size + 1)
+        view = memoryview(buffer)
+        size = 0
+        resp = self.client.get_object(ref.bucket, ref.key)
+        try:
+            while size <= ref.size:
+                n = resp.readinto(view[size : size + (4 << 20)])
+                if not n:
+                    break
+                h.update(view[size : size + n])
+                size += n
+        finally:
+            view.release()
+            resp.close()
+            resp.release_conn()
+        del buffer[size:]
+        return buffer, h.hexdigest()
 
     def get_json(self, ref: ArtifactRef) -> Any:
         return json.loads(self.get_bytes(ref))
@@ -447,7 +485,6 @@ class ArtifactStore:
         """
         self._check_ref_size(ref)
         cached = self.cache_path(ref)
-        self._wait_for_seed(cached)
         if cached is not None and cached.exists():
             os.utime(cached)  # recently used
             if dest is None:
@@ -498,7 +535,6 @@ class ArtifactStore:
     def evict(self, ref: ArtifactRef | None) -> None:
         """Drop a cached copy that is no longer needed (keeps the cache bounded)."""
         path = self.cache_path(ref) if ref is not None else None
-        self._wait_for_seed(path)
         if path is not None:
             path.unlink(missing_ok=True)
 

@@ -196,6 +196,14 @@ def _checked_header(raw: bytes, n: int, size: int) -> _Parsed:
     )
 
 
+def header_of(data: bytes | bytearray) -> WeightsHeader:
+    """The checked header of in-memory safetensors bytes (no tensor is built)."""
+    size = len(data)
+    n = int.from_bytes(data[:8], "little") if size >= 8 else 0
+    h = _checked_header(bytes(data[8 : 8 + n]) if size >= 8 else b"", n, size)
+    return WeightsHeader(h.shapes, h.dtypes, h.aliases, h.metadata)
+
+
 def read_header(path: Path) -> WeightsHeader:
     """The checked header of a safetensors file (see :func:`_checked_header`)."""
     size = path.stat().st_size

@@ -20,7 +20,9 @@ import torch
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import (
     WeightsHeader,
+    decode_weights,
     encode_weights,
+    header_of,
     load_weights_file,
     read_header,
     save_weights_file,
@@ -141,13 +143,18 @@ class RoundFold:
         self.exact = exact
         self.names = list(self.reference.tensors)
         self._verdicts: dict[tuple[str, str], tuple[list[str], float | None]] = {}
+        # Screened updates not folded yet, in memory (at most one per report in flight).
+        self._screened: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
         self._acc: StreamingFedAvg | None = None
         self._folded: list[tuple[str, str, float]] = []  # (site, sha256, weight), in order
         self._dtypes: dict[str, torch.dtype] = {}
 
     def screen(self, store: ArtifactStore, report: SiteReport) -> tuple[list[str], float | None]:
-        """(reasons to quarantine, L2 norm) of the report's update; computed once."""
+        """(reasons to quarantine, L2 norm) of the report's update; computed once.
+
+        The update is read into memory (its cached copy is written in the background)
+        and kept there until it is folded: no disk on the round's critical path."""
         ref = report.artifact
         if ref is None:
             return ["no update"], None
@@ -156,16 +163,18 @@ class RoundFold:
             known = self._verdicts.get(ident)
         if known is not None:
             return known
-        path = store.get_file(ref)
-        problems = signature_problems(_signature(read_header(path)), self.reference, self.exact)
+        data = store.get_bytes(ref, cache=True)
+        problems = signature_problems(_signature(header_of(data)), self.reference, self.exact)
         norm = None
+        tensors = None
         if not problems:
-            tensors = load_weights_file(path, self.names)
+            tensors = _subset(decode_weights(data, expand_aliases=False), self.names)
             problems, norm = screen_values(tensors, reference_norm=self.reference_norm)
-            del tensors
         verdict = (problems[:3], None if problems else norm)
         with self._lock:
             self._verdicts[ident] = verdict
+            if tensors is not None and not problems:
+                self._screened[ident] = tensors
         return verdict
 
     def fold(self, store: ArtifactStore, ordered: Sequence[tuple[SiteReport, float]]) -> None:
@@ -179,10 +188,15 @@ class RoundFold:
         ):
             if report.artifact is None:
                 raise ValueError(f"{report.site_id} has no update to fold")
-            update = load_weights_file(store.get_file(report.artifact), self.names)
+            with self._lock:
+                update = self._screened.pop(ident[:2], None)
+            if update is None:  # folded before and rebuilt, or screened by another process
+                data = store.get_bytes(report.artifact, cache=True)
+                update = _subset(decode_weights(data, expand_aliases=False), self.names)
             if not self._dtypes:
                 self._dtypes = {n: t.dtype for n, t in update.items()}
-            self._acc.add(update, float(weight), owned=True)
+            # Not owned: the tensors view bytes that may still be on their way to the cache.
+            self._acc.add(update, float(weight))
             del update
             self._folded.append(ident)
 
@@ -195,6 +209,11 @@ class RoundFold:
         if self._acc is None:
             raise ValueError("nothing folded")
         return self._acc.result(self._dtypes)
+
+
+def _subset(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The named tensors (the screening has checked they are all there)."""
+    return {name: tensors[name] for name in names}
 
 
 def _aggregate_folded(

@@ -156,11 +156,11 @@ class Coordinator:
         except Refused as exc:
             refused, ref = exc, None
         if ref is not None and report.phase == Phase.TRAIN:
-            # Fetch and verify the update now, outside the lock: when the last site
-            # reports, only its own update remains to be downloaded before aggregating.
+            # Fetch, verify and screen the update now, outside the lock: when the last
+            # site reports, only its own update remains to be read before aggregating.
             try:
-                self.store.get_file(ref)
-                self._prescreen(report)
+                if not self._prescreen(report):
+                    self.store.get_file(ref)  # for the batch aggregation at the round's end
             except FedError as exc:
                 log.warning("prefetch of %s's update failed: %s", report.site_id, exc)
         with self.redis.locked(exp) as fence:
@@ -217,20 +217,23 @@ class Coordinator:
                 self._folds[exp] = fold
             return fold
 
-    def _prescreen(self, report: SiteReport) -> None:
+    def _prescreen(self, report: SiteReport) -> bool:
         """Outside the lock, concurrently with other reports: screen the update against
-        the open round's reference (the verdict is cached; the locked fold reuses it)."""
+        the open round's reference, in memory (the verdict and the tensors are kept for
+        the locked fold). False when the open round does not fold on arrival."""
         state = self.redis.load(report.experiment_id)  # unlocked read: which round is open
         if state is None or (report.phase, report.round) != (state.phase, state.round):
-            return
+            return False
         fold = self._round_fold(state)
-        if fold is not None:
-            try:
-                fold.screen(self.store, report)
-            except ServiceUnreachable:
-                raise
-            except Exception:  # noqa: BLE001 - refused by the locked screening, with the reason
-                return
+        if fold is None:
+            return False
+        try:
+            fold.screen(self.store, report)
+        except ServiceUnreachable:
+            raise
+        except Exception:  # noqa: BLE001, S110 - refused by the locked screening, with why
+            pass
+        return True
 
     def _fold_accepted(self, state: sm.ExperimentState) -> None:
         """Fold the accepted updates of the open round into its running sum, in the

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
-from fednnunet.adapters.weights_codec import decode_weights, encode_weights, load_weights_file
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
     async_closed_key,
@@ -199,9 +199,9 @@ class SiteService:
             return None
         if self.store.cache_dir is None or ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
-        # Verified once, kept by sha256: a redelivered task or a restarted worker
-        # loads it from disk. One global per experiment is kept.
-        tensors = load_weights_file(self.store.get_file(ref), expand_aliases=True)
+        # Verified once, kept by sha256 (written in the background): a redelivered task
+        # or a restarted worker loads it from disk. One global per experiment is kept.
+        tensors = decode_weights(self.store.get_bytes(ref, cache=True))
         self._remember_cached_global(task.experiment_id, ref)
         return tensors
 
@@ -305,17 +305,23 @@ class SiteService:
             metrics = self._read_local_metrics(session, task.round)
         t_push = time.perf_counter()
         data = encode_weights(session.state_dict())  # a snapshot: the checkpoint may run now
+        meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
         if trained:
-            # The resume checkpoint is written while the update uploads (it is off the
-            # round's critical path); the report waits for both.
+            # The resume checkpoint, then the report's record, are written while the
+            # update uploads (off the round's critical path); the report waits for all.
+            # The record comes after the checkpoint: a redelivered task that finds it
+            # also finds the checkpoint, so it never retrains into a different record.
+            def checkpoint_then_record() -> None:
+                session.save_round_checkpoint(task.round)
+                self._save_meta(task, meta)
+
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
-                saved = pool.submit(session.save_round_checkpoint, task.round)
+                saved = pool.submit(checkpoint_then_record)
                 ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
                 saved.result()
         else:
             ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
-        meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
-        self._save_meta(task, meta)
+            self._save_meta(task, meta)
         # Timing of this delivery only: not in the stored meta, which must not change
         # when a redelivered task writes it again.
         metrics = {**metrics, "push_s": time.perf_counter() - t_push}
