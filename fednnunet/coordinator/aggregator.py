@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import (
     WeightsHeader,
     decode_weights,
@@ -56,6 +56,9 @@ class AggregationResult:
     layers_averaged: int = 0
     seconds: float = 0.0
     weights: dict[str, float] = field(default_factory=dict)
+    # The global's bytes as uploaded (not kept anywhere else): the next round's fold
+    # takes its reference from them instead of reading the object back.
+    encoded: bytearray | None = field(default=None, repr=False)
 
 
 def screen_update_file(
@@ -135,11 +138,20 @@ class RoundFold:
     bit for bit what folding the accepted updates in that order gives.
     """
 
-    def __init__(self, store: ArtifactStore, previous_global: ArtifactRef, exact: bool) -> None:
-        path = store.get_file(previous_global)
+    def __init__(
+        self,
+        store: ArtifactStore,
+        previous_global: ArtifactRef,
+        exact: bool,
+        encoded: bytearray | None = None,
+    ) -> None:
+        """``encoded``: the previous global's bytes, when this process published them
+        (verified against ``previous_global``); else they are fetched."""
+        if encoded is None or sha256_bytes(encoded) != previous_global.sha256:
+            encoded = store.get_bytes(previous_global)
         self.previous = previous_global
-        self.reference = _signature(read_header(path))
-        self.reference_norm = l2_norm(load_weights_file(path))
+        self.reference = _signature(header_of(encoded))
+        self.reference_norm = l2_norm(decode_weights(encoded, expand_aliases=False))
         self.exact = exact
         self.names = list(self.reference.tensors)
         self._verdicts: dict[tuple[str, str], tuple[list[str], float | None]] = {}
@@ -163,7 +175,7 @@ class RoundFold:
             known = self._verdicts.get(ident)
         if known is not None:
             return known
-        data = store.get_bytes(ref, cache=True)
+        data = store.get_bytes(ref)  # no disk copy: a rebuild or a restart fetches again
         problems = signature_problems(_signature(header_of(data)), self.reference, self.exact)
         norm = None
         tensors = None
@@ -191,7 +203,7 @@ class RoundFold:
             with self._lock:
                 update = self._screened.pop(ident[:2], None)
             if update is None:  # folded before and rebuilt, or screened by another process
-                data = store.get_bytes(report.artifact, cache=True)
+                data = store.get_bytes(report.artifact)
                 update = _subset(decode_weights(data, expand_aliases=False), self.names)
             if not self._dtypes:
                 self._dtypes = {n: t.dtype for n, t in update.items()}
@@ -263,6 +275,7 @@ def aggregate_round(
     min_participants: int = 1,
     previous_defines_model: bool = True,
     fold: RoundFold | None = None,
+    previous_encoded: bytearray | None = None,
 ) -> AggregationResult:
     """Average the verified, sane updates of ``reports`` into a new global object.
 
@@ -275,6 +288,8 @@ def aggregate_round(
     ``exact_architecture`` (FFE): one architecture everywhere, nothing more or less.
     ``fold``: this round's :class:`RoundFold` (plain FedAvg, previous global defines the
     model): its cached verdicts and running sum are used, with the same rules.
+    ``previous_encoded``: the previous global's bytes if this process published them
+    (checked against ``previous_global``; else fetched).
     """
     t0 = time.perf_counter()
     if fold is not None:
@@ -301,10 +316,11 @@ def aggregate_round(
     reference: Signature | None = None
     ref_norm: float | None = None
     if previous_global is not None:
-        prev_path = store.get_file(previous_global)
+        if previous_encoded is None or sha256_bytes(previous_encoded) != previous_global.sha256:
+            previous_encoded = store.get_bytes(previous_global, cache=True)
         if previous_defines_model:
-            reference = _signature(read_header(prev_path))
-        ref_norm = l2_norm(load_weights_file(prev_path))
+            reference = _signature(header_of(previous_encoded))
+        ref_norm = l2_norm(decode_weights(previous_encoded, expand_aliases=False))
 
     # 1. Fetch, verify, read each header (nothing from a site may stop the others).
     fetched: dict[str, tuple[SiteReport, Path, Signature]] = {}
@@ -375,13 +391,13 @@ def _publish(
 ) -> AggregationResult:
     """Encode and upload the global (once); participants and weights in its metadata."""
     # Serialized in memory and uploaded from there (one hash pass, no temporary file);
-    # the store keeps a verified copy, so next round's screening downloads nothing.
+    # the bytes go back to the caller, so next round's screening downloads nothing.
     # No per-site weights here: every site reads this header (they follow from the
     # declared case counts, which the coordinator keeps to itself).
     meta = {"participants": ",".join(participants), "aggregation": aggregation}
     data = encode_weights(full, meta)
     del full
-    ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights", cache=True)
+    ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights")
     return AggregationResult(
         ref,
         participants,
@@ -389,6 +405,7 @@ def _publish(
         layers_averaged=layers,
         seconds=time.perf_counter() - t0,
         weights={s: weights[s] for s in participants},
+        encoded=data,
     )
 
 

@@ -104,6 +104,8 @@ class Coordinator:
         self._plot_history: dict[str, list[sm.RoundRecord]] = {}  # plot thread's copy
         # Experiment -> the running FedAvg of its open round (folded as reports arrive).
         self._folds: dict[str, RoundFold] = {}
+        # The last global this process published, per experiment: next round's reference.
+        self._published: dict[str, bytearray] = {}
         self._folds_lock = threading.Lock()
         self.senders = SenderPolicy.from_settings(settings)
 
@@ -213,7 +215,8 @@ class Coordinator:
             fold = self._folds.get(exp)
             if fold is None or fold.previous != state.global_weights:
                 exact = state.options.strategy.exact_architecture
-                fold = RoundFold(self.store, state.global_weights, exact)
+                encoded = self._published.get(exp)
+                fold = RoundFold(self.store, state.global_weights, exact, encoded)
                 self._folds[exp] = fold
             return fold
 
@@ -392,6 +395,10 @@ class Coordinator:
             raise
         changed = state.seq != seq_at_load
         self._save(state, journal=changed, fence=fence, closed_before=closed_before)
+        if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
+            with self._folds_lock:
+                self._folds.pop(state.experiment_id, None)
+                self._published.pop(state.experiment_id, None)
         if changed:
             self._maybe_plot(state, self.clock())
         return state
@@ -551,6 +558,10 @@ class Coordinator:
         sm.apply_aggregated(state, record, now)
         with self._folds_lock:
             self._folds.pop(state.experiment_id, None)
+            if res.encoded is not None and state.phase == Phase.TRAIN:
+                self._published[state.experiment_id] = res.encoded
+            else:
+                self._published.pop(state.experiment_id, None)
         for r in reports:  # the cache holds one round at a time
             self.store.evict(r.artifact)
         if previous is not None and previous != result_ref:
@@ -582,6 +593,7 @@ class Coordinator:
                     # task (another head): the sites' architecture decides, not it.
                     previous_defines_model=state.round > 1,
                     fold=self._round_fold(state),
+                    previous_encoded=self._published.get(state.experiment_id),
                 )
             except IntegrityError:
                 existing = self.store.stat(self.global_bucket, key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -62,14 +63,24 @@ class SiteService:
         self.bucket = site_bucket(settings.bucket_prefix, self.site_id)
         self.global_bucket = global_bucket(settings.bucket_prefix)
         self._sessions: dict[str, Any] = {}
+        self._defer_writes = False
+        self._deferred: list[Callable[[], None]] = []
         self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
             store.max_object_bytes = min(store.max_object_bytes, self.policy.max_upload_bytes)
 
     # ------------------------------------------------------------------ entry
-    def handle(self, task: SiteTask) -> SiteReport:
-        """Run one task; never raises for a task-level failure (it is reported)."""
+    def handle(self, task: SiteTask, defer_writes: bool = False) -> SiteReport:
+        """Run one task; never raises for a task-level failure (it is reported).
+
+        ``defer_writes``: local writes the report need not wait for (a round's resume
+        checkpoint and record) are left for :meth:`run_deferred`, which the worker calls
+        once the report is sent: they overlap with the coordinator's aggregation instead
+        of competing with the upload. A redelivered task finds the uploaded update and
+        reports it without them."""
+        self.run_deferred()  # a task never starts before the previous one's writes
+        self._defer_writes = defer_writes
         t0 = time.perf_counter()
         if task.site_id != self.site_id:
             return self._fail(task, f"task for site {task.site_id} reached site {self.site_id}", t0)
@@ -102,6 +113,16 @@ class SiteService:
         finally:
             if self.progress is not None:
                 self.progress.end()
+
+    def run_deferred(self) -> None:
+        """The writes :meth:`handle` deferred, in order. A failure is logged: the report
+        stands (its update is in S3), the next round resumes from an older checkpoint."""
+        while self._deferred:
+            job = self._deferred.pop(0)
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - the round's result is already uploaded
+                log.exception("deferred write failed")
 
     def _fail(self, task: SiteTask, error: str, t0: float, retryable: bool = True) -> SiteReport:
         """The failure report: its text names no case, file or path (the log keeps those)."""
@@ -307,18 +328,23 @@ class SiteService:
         data = encode_weights(session.state_dict())  # a snapshot: the checkpoint may run now
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
         if trained:
-            # The resume checkpoint, then the report's record, are written while the
-            # update uploads (off the round's critical path); the report waits for all.
-            # The record comes after the checkpoint: a redelivered task that finds it
-            # also finds the checkpoint, so it never retrains into a different record.
+            # The resume checkpoint, then the report's record, are written after the
+            # report is sent (worker) or while the update uploads: off the round's
+            # critical path. The record comes after the checkpoint: a redelivered task
+            # that finds it also finds the checkpoint, so it never retrains into a
+            # different record.
             def checkpoint_then_record() -> None:
                 session.save_round_checkpoint(task.round)
                 self._save_meta(task, meta)
 
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
-                saved = pool.submit(checkpoint_then_record)
+            if self._defer_writes:
                 ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
-                saved.result()
+                self._deferred.append(checkpoint_then_record)
+            else:
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
+                    saved = pool.submit(checkpoint_then_record)
+                    ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+                    saved.result()
         else:
             ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
             self._save_meta(task, meta)

@@ -158,8 +158,10 @@ def build_site_app(settings: Settings, service: SiteService | None = None) -> Ce
                 task.experiment_id,
                 task.attempt,
             )
-            report = get_service().handle(task)
+            service = get_service()
+            report = service.handle(task, defer_writes=True)
             send_report(app, report, user)
+            service.run_deferred()  # before the next task: the checkpoint, the record
 
     for phase, name in SITE_TASKS.items():
         make_task(phase, name)
