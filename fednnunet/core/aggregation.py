@@ -64,8 +64,8 @@ class StreamingFedAvg:
                     dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
                     if owned and tensor.dtype == dtype and tensor.is_contiguous():
                         self._sum[name] = tensor.mul_(weight)  # in place: no copy
-                    else:
-                        self._sum[name] = tensor.to(dtype=dtype, copy=True).mul_(weight)
+                    else:  # one pass: the product is the copy
+                        self._sum[name] = tensor.to(dtype=dtype).mul(weight).contiguous()
                 else:
                     self._sum[name] = tensor if owned else tensor.clone()
             elif acc.is_floating_point():
