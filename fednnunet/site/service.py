@@ -272,7 +272,8 @@ class SiteService:
             self.store.evict(previous)
         if ref is None:
             marker.unlink(missing_ok=True)
-        else:
+        else:  # the cache folder may not exist yet: the global's copy is written later
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(ref.model_dump_json())
 
     def train_round(self, task: SiteTask) -> SiteReport:
