@@ -27,6 +27,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from fednnunet.adapters.buffers import uninitialized_bytearray
 from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.messages import ArtifactRef
 from fednnunet.settings import Settings
@@ -240,14 +241,17 @@ class ArtifactStore:
         data: bytes | bytearray,
         kind: str = "blob",
         cache: bool = False,
+        sha256: str | None = None,
     ) -> ArtifactRef:
-        """Upload once (same bytes again: no-op); ``cache``: keep a copy for get_file."""
+        """Upload once (same bytes again: no-op); ``cache``: keep a copy for get_file;
+        ``sha256``: the hash of ``data`` when this process computed it while building
+        ``data`` (no second pass over bytes it produced itself)."""
         if len(data) > self.max_object_bytes:
             raise FedError(
                 f"refusing to upload {len(data)} bytes to s3://{bucket}/{key}: "
                 f"over the {self.max_object_bytes}-byte limit"
             )
-        sha = sha256_bytes(data)
+        sha = sha256 or sha256_bytes(data)
         if not self._conditional_put(data):
             existing = self.stat(bucket, key)
             if existing is not None:
@@ -427,9 +431,10 @@ class ArtifactStore:
         if ref.size > self.max_object_bytes:
             raise FedError(f"refusing to download {ref.size} bytes: over the object size limit")
 
-    def get_bytes(self, ref: ArtifactRef, cache: bool = False) -> bytearray:
+    def get_bytes(self, ref: ArtifactRef, cache: bool = False, seed: bool = True) -> bytearray:
         """The object's bytes, verified. ``cache``: served from the verified cache when
-        there, else downloaded and cached in the background (nothing waits for the disk).
+        there, else downloaded and cached in the background (nothing waits for the disk);
+        ``seed=False``: the caller writes the copy later, with :meth:`seed_cache`.
 
         Read into one buffer, hashed as it arrives: a 31 MB object in 28 ms here, where
         the file download takes 46 ms (the disk write) and ``read()`` 52 ms (copies)."""
@@ -437,26 +442,30 @@ class ArtifactStore:
         cached = self.cache_path(ref) if cache else None
         if cached is not None and cached.exists():
             os.utime(cached)
-            data = bytearray(cached.stat().st_size)
+            data = uninitialized_bytearray(cached.stat().st_size)
             with open(cached, "rb") as fh:
                 size = fh.readinto(data)
             # Checked again: the cached bytes were shared with their tensors while the
             # background write ran (only redelivered tasks read this copy).
-            if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:
+            if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:  # all read
                 return data
             log.warning("cached copy of %s failed verification; downloading again", ref.key)
             cached.unlink(missing_ok=True)
         data, sha = self._retry(f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref))
         self._verify(ref, len(data), sha)
-        if cached is not None:
+        if cached is not None and seed:
             self._seed_cache_later(ref, data)
         return data
+
+    def seed_cache(self, ref: ArtifactRef, data: bytes | bytearray) -> None:
+        """Keep verified bytes of ``ref`` in the cache now (``data`` must be ``ref``'s)."""
+        self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
 
     def _read_capped(self, ref: ArtifactRef) -> tuple[bytearray, str]:
         """The object read into one buffer and hashed per chunk; at most ``ref.size`` + 1
         bytes are read (a larger object is refused by the verification, rest unread)."""
         h = hashlib.sha256()
-        buffer = bytearray(ref.size + 1)
+        buffer = uninitialized_bytearray(ref.size + 1)  # cut to what was read, below
         view = memoryview(buffer)
         size = 0
         resp = self.client.get_object(ref.bucket, ref.key)

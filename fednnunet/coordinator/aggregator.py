@@ -21,7 +21,7 @@ from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import (
     WeightsHeader,
     decode_weights,
-    encode_weights,
+    encode_weights_sha256,
     header_of,
     load_weights_file,
     read_header,
@@ -395,9 +395,9 @@ def _publish(
     # No per-site weights here: every site reads this header (they follow from the
     # declared case counts, which the coordinator keeps to itself).
     meta = {"participants": ",".join(participants), "aggregation": aggregation}
-    data = encode_weights(full, meta)
+    data, sha = encode_weights_sha256(full, meta)
     del full
-    ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights")
+    ref = store.put_bytes(target_bucket, target_key, data, kind="global_weights", sha256=sha)
     return AggregationResult(
         ref,
         participants,

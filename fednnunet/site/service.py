@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
-from fednnunet.adapters.weights_codec import decode_weights, encode_weights
+from fednnunet.adapters.weights_codec import decode_weights, encode_weights_sha256
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
     async_closed_key,
@@ -220,9 +220,13 @@ class SiteService:
             return None
         if self.store.cache_dir is None or ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
-        # Verified once, kept by sha256 (written in the background): a redelivered task
-        # or a restarted worker loads it from disk. One global per experiment is kept.
-        tensors = decode_weights(self.store.get_bytes(ref, cache=True))
+        # Verified once, kept by sha256: a redelivered task or a restarted worker loads
+        # it from disk. One global per experiment is kept. The copy is written after the
+        # report (worker) or in the background, never before training starts.
+        data = self.store.get_bytes(ref, cache=True, seed=not self._defer_writes)
+        if self._defer_writes:
+            self._deferred.append(lambda: self.store.seed_cache(ref, data))
+        tensors = decode_weights(data)
         self._remember_cached_global(task.experiment_id, ref)
         return tensors
 
@@ -326,7 +330,8 @@ class SiteService:
         else:
             metrics = self._read_local_metrics(session, task.round)
         t_push = time.perf_counter()
-        data = encode_weights(session.state_dict())  # a snapshot: the checkpoint may run now
+        # A snapshot: the checkpoint may run now. Hashed while it is built.
+        data, sha = encode_weights_sha256(session.state_dict())
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
         if trained:
             # The resume checkpoint, then the report's record, are written after the
@@ -339,15 +344,21 @@ class SiteService:
                 self._save_meta(task, meta)
 
             if self._defer_writes:
-                ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
-                self._deferred.append(checkpoint_then_record)
+                ref = self.store.put_bytes(
+                    self.bucket, update_key, data, kind="weights_update", sha256=sha
+                )
+                self._deferred.insert(0, checkpoint_then_record)  # before the global's copy
             else:
                 with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
                     saved = pool.submit(checkpoint_then_record)
-                    ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+                    ref = self.store.put_bytes(
+                        self.bucket, update_key, data, kind="weights_update", sha256=sha
+                    )
                     saved.result()
         else:
-            ref = self.store.put_bytes(self.bucket, update_key, data, kind="weights_update")
+            ref = self.store.put_bytes(
+                self.bucket, update_key, data, kind="weights_update", sha256=sha
+            )
             self._save_meta(task, meta)
         # Timing of this delivery only: not in the stored meta, which must not change
         # when a redelivered task writes it again.

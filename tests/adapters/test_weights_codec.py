@@ -88,3 +88,15 @@ def test_malformed_layouts_are_refused_before_any_tensor_is_built(header, body, 
 def test_a_header_longer_than_the_object_is_refused():
     with pytest.raises(MalformedWeights, match="not a safetensors file"):
         decode_weights((10**9).to_bytes(8, "little") + b"{}")
+
+
+def test_the_hash_made_while_encoding_is_the_hash_of_the_bytes():
+    import hashlib
+
+    from fednnunet.adapters.weights_codec import encode_weights_sha256
+
+    big = {f"layer{i}.w": torch.randn(1 << 20) for i in range(12)}  # 48 MB: many spans
+    for state in (_state(), big):
+        data, sha = encode_weights_sha256(state, {"k": "v"})
+        assert data == encode_weights(state, {"k": "v"})
+        assert sha == hashlib.sha256(data).hexdigest()
