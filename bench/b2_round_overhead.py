@@ -525,13 +525,15 @@ def run_model(model: str, quick: bool, sleep_s: float) -> dict:
     from fednnunet.core.tensors import unique_nbytes
     from tests.support.standin import build_state
 
-    rounds = 3 if quick else 5
+    # 8 rounds: the S3 server's volume growth stalls a PUT now and then (up to 1 s);
+    # the median of 7 steady rounds is not moved by one or two of them.
+    rounds = 3 if quick else 8
     unique = unique_nbytes(build_state(model, 0))
     compute_cpu = standin_compute_cpu_s(model)
     floor = s3_floor(model, 3 if quick else 5)
     with tempfile.TemporaryDirectory(prefix="fednnunet-b2-") as tmp:
         ours = run_ours(model, sleep_s, rounds, Path(tmp) / "ours")
-        flower = run_flower(model, sleep_s, max(2, rounds - 1), Path(tmp) / "flower")
+        flower = run_flower(model, sleep_s, max(2, min(4, rounds - 1)), Path(tmp) / "flower")
     config = MODELS[model]
     rows, summary = [], {}
     for name, res in (("fednnunet", ours), ("flower", flower)):
@@ -658,10 +660,11 @@ def run(
     notes += [
         "overhead = round wall − S; medians over rounds ≥ 2 (round 1 has no global to pull "
         "in fednnunet and includes warm-up)",
-        "fednnunet overhead includes the site's upload + sha256 (its resume checkpoint is "
-        "written meanwhile), the coordinator's download and verification, screening and "
-        "folding (as each report arrives), finalisation and upload of the global, and the "
-        "next round's download + sha256 at each site",
+        "fednnunet overhead includes the site's encoding + sha256 + upload (its resume "
+        "checkpoint, report record and copy of the global are written after its report), "
+        "the coordinator's download and verification, screening and folding (as each "
+        "report arrives, in memory), finalisation, encoding + sha256 and upload of the "
+        "global, and the next round's download + sha256 + load at each site",
         "S3 floor: the same objects moved with bare S3 calls and nothing else, stage after "
         "stage as in a round: no design that moves each update and global once through this "
         "server can do a round in less",
