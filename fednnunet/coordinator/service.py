@@ -12,15 +12,14 @@ Redis loses it.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import read_file_header
+from fednnunet.background import low_priority_pool
 from fednnunet.coordinator.aggregator import AggregationResult, RoundFold, aggregate_round
 from fednnunet.coordinator.async_buffer import apply_buffer, version_result_of
 from fednnunet.core import async_rounds as asy
@@ -95,9 +94,7 @@ class Coordinator:
         # Pictures are drawn off the critical path (the next round is already dispatched),
         # by a low-priority thread, at most every plot_every_s and once at the end: a
         # matplotlib render costs CPU that the sites' uploads and downloads need.
-        self._plots = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="fednnunet-plot", initializer=_lower_priority
-        )
+        self._plots = low_priority_pool("fednnunet-plot")
         self.render_plots = render_plots
         self.plot_every_s = plot_every_s
         self._last_plot: dict[str, tuple[tuple[int, bool], float]] = {}
@@ -830,14 +827,6 @@ class Coordinator:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return (text if isinstance(exc, FedError) else f"{type(exc).__name__}: {text}")[:300]
-
-
-def _lower_priority() -> None:
-    """Nice the calling thread only (Linux threads have their own priority)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not allowed: render at normal priority
-        pass
 
 
 def _redispatch_unfinished(state: sm.ExperimentState) -> None:

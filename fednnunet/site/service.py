@@ -18,6 +18,7 @@ from typing import Any
 
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights_sha256
+from fednnunet.background import low_priority_pool
 from fednnunet.errors import DatasetError, FedError, PolicyRefusal
 from fednnunet.keys import (
     async_closed_key,
@@ -65,6 +66,7 @@ class SiteService:
         self._sessions: dict[str, Any] = {}
         self._defer_writes = False
         self._deferred: list[Callable[[], None]] = []
+        self._deferred_pool = low_priority_pool("site-deferred")
         self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
@@ -115,12 +117,14 @@ class SiteService:
                 self.progress.end()
 
     def run_deferred(self) -> None:
-        """The writes :meth:`handle` deferred, in order. A failure is logged: the report
-        stands (its update is in S3), the next round resumes from an older checkpoint."""
+        """The writes :meth:`handle` deferred, in order, on a low-priority thread (they
+        yield the CPU to the aggregation and the downloads this site's report set off;
+        this call waits for them). A failure is logged: the report stands (its update
+        is in S3), the next round resumes from an older checkpoint."""
         while self._deferred:
             job = self._deferred.pop(0)
             try:
-                job()
+                self._deferred_pool.submit(job).result()
             except Exception:  # noqa: BLE001 - the round's result is already uploaded
                 log.exception("deferred write failed")
 
