@@ -225,12 +225,9 @@ class SiteService:
         if self.store.cache_dir is None or ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
         # Verified once, kept by sha256: a redelivered task or a restarted worker loads
-        # it from disk. One global per experiment is kept. The copy is written after the
-        # report (worker) or in the background, never before training starts.
-        data = self.store.get_bytes(ref, cache=True, seed=not self._defer_writes)
-        if self._defer_writes:
-            self._deferred.append(lambda: self.store.seed_cache(ref, data))
-        tensors = decode_weights(data)
+        # it from disk. One global per experiment is kept. The copy is written by a
+        # low-priority thread while training runs.
+        tensors = decode_weights(self.store.get_bytes(ref, cache=True))
         self._remember_cached_global(task.experiment_id, ref)
         return tensors
 
