@@ -151,14 +151,16 @@ class RoundFold:
             encoded = store.get_bytes(previous_global)
         self.previous = previous_global
         self.reference = _signature(header_of(encoded))
-        self.reference_norm = l2_norm(decode_weights(encoded, expand_aliases=False))
+        reference = decode_weights(encoded, expand_aliases=False)
+        self.reference_norm = l2_norm(reference)
         self.exact = exact
         self.names = list(self.reference.tensors)
         self._verdicts: dict[tuple[str, str], tuple[list[str], float | None]] = {}
         # Screened updates not folded yet, in memory (at most one per report in flight).
         self._screened: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
-        self._acc: StreamingFedAvg | None = None
+        # The sum is allocated now, before any report: the first fold is an addition.
+        self._acc: StreamingFedAvg | None = StreamingFedAvg(self.names, like=reference)
         self._folded: list[tuple[str, str, float]] = []  # (site, sha256, weight), in order
         self._dtypes: dict[str, torch.dtype] = {}
 

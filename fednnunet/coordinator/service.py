@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore
@@ -100,7 +101,9 @@ class Coordinator:
         self._last_plot: dict[str, tuple[tuple[int, bool], float]] = {}
         self._plot_history: dict[str, list[sm.RoundRecord]] = {}  # plot thread's copy
         # Experiment -> the running FedAvg of its open round (folded as reports arrive).
-        self._folds: dict[str, RoundFold] = {}
+        # Each open round's fold, or its construction by the low-priority thread.
+        self._folds: dict[str, RoundFold | Future[RoundFold]] = {}
+        self._fold_builder = low_priority_pool("fednnunet-fold")
         # The last global this process published, per experiment: next round's reference.
         self._published: dict[str, bytearray] = {}
         self._folds_lock = threading.Lock()
@@ -199,23 +202,40 @@ class Coordinator:
     def _round_fold(self, state: sm.ExperimentState) -> RoundFold | None:
         """The open round's fold, when its rules allow folding on arrival (FedAvg by
         declared cases, no cap, the previous global defines the model); else None."""
-        if not (
-            state.phase == Phase.TRAIN
-            and state.round > 1
-            and state.global_weights is not None
-            and state.options.aggregation == "fedavg"
-            and state.options.max_site_weight is None
-        ):
+        if not self._folds_on_arrival(state):
             return None
         exp = state.experiment_id
         with self._folds_lock:
+            entry = self._folds.get(exp)
+        if isinstance(entry, Future):  # being built since the last round closed
+            try:
+                built: RoundFold | None = entry.result()
+            except Exception:  # noqa: BLE001 - built again below, where an error is seen
+                built = None
+            with self._folds_lock:
+                if self._folds.get(exp) is entry:
+                    if built is None:
+                        del self._folds[exp]
+                    else:
+                        self._folds[exp] = built
+        with self._folds_lock:
             fold = self._folds.get(exp)
-            if fold is None or fold.previous != state.global_weights:
+            if not isinstance(fold, RoundFold) or fold.previous != state.global_weights:
                 exact = state.options.strategy.exact_architecture
                 encoded = self._published.get(exp)
                 fold = RoundFold(self.store, state.global_weights, exact, encoded)
                 self._folds[exp] = fold
             return fold
+
+    @staticmethod
+    def _folds_on_arrival(state: sm.ExperimentState) -> bool:
+        return (
+            state.phase == Phase.TRAIN
+            and state.round > 1
+            and state.global_weights is not None
+            and state.options.aggregation == "fedavg"
+            and state.options.max_site_weight is None
+        )
 
     def _prescreen(self, report: SiteReport) -> bool:
         """Outside the lock, concurrently with other reports: screen the update against
@@ -557,6 +577,14 @@ class Coordinator:
             self._folds.pop(state.experiment_id, None)
             if res.encoded is not None and state.phase == Phase.TRAIN:
                 self._published[state.experiment_id] = res.encoded
+                if self._folds_on_arrival(state):  # next round's, built while sites train
+                    self._folds[state.experiment_id] = self._fold_builder.submit(
+                        RoundFold,
+                        self.store,
+                        result_ref,
+                        state.options.strategy.exact_architecture,
+                        res.encoded,
+                    )
             else:
                 self._published.pop(state.experiment_id, None)
         for r in reports:  # the cache holds one round at a time

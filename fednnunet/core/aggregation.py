@@ -39,9 +39,20 @@ class StreamingFedAvg:
     mean is not meaningful.
     """
 
-    def __init__(self, layer_names: Iterable[str]) -> None:
+    def __init__(
+        self, layer_names: Iterable[str], like: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """``like``: tensors of the model's shapes and dtypes, to allocate the sum now
+        (before the first update arrives). It starts at -0.0, the identity of float
+        addition, so adding ``w * x`` to it gives bit for bit ``w * x``: the same sum as
+        without ``like``."""
         self._names = list(layer_names)
         self._sum: dict[str, torch.Tensor] = {}
+        for name in self._names if like is not None else ():
+            t = like[name]
+            if t.is_floating_point():
+                dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+                self._sum[name] = torch.full(t.shape, -0.0, dtype=dtype)
         self._total_weight = 0.0
         self._count = 0
         self._result: dict[str, torch.Tensor] | None = None

@@ -78,3 +78,32 @@ def test_product_fedavg_agrees_with_the_oracle():
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=0, atol=1e-6), k
+
+
+def test_a_sum_allocated_before_the_first_update_gives_the_same_bits():
+    """Preallocated at -0.0 (the identity of float addition), the sum of w * x is bit for
+    bit the sum started from the first update, negative zeros included."""
+    g = torch.Generator().manual_seed(3)
+    updates = []
+    for _ in range(3):
+        w = torch.randn(64, generator=g)
+        w[:8] = -0.0  # products that are negative zero
+        w[8:16] = 0.0
+        updates.append({"w": w, "h": torch.randn(5, generator=g).to(torch.float64),
+                        "n": torch.tensor(7)})  # fmt: skip
+    weights = [3.0, 1.0, 2.5]
+
+    def mean(like):
+        acc = StreamingFedAvg(["w", "h", "n"], like=like)
+        for u, wt in zip(updates, weights, strict=True):
+            acc.add({k: v.clone() for k, v in u.items()}, wt)
+        return acc.result()
+
+    plain, early = mean(None), mean(updates[0])
+    for name in ("w", "h"):
+        bits = torch.int64 if plain[name].dtype == torch.float64 else torch.int32
+        assert torch.equal(plain[name].view(bits), early[name].view(bits))
+    assert int(early["n"]) == 7
+    # and the mean itself, by the independent formula
+    expected = sum(wt * u["w"] for u, wt in zip(updates, weights, strict=True)) / sum(weights)
+    assert torch.allclose(early["w"], expected, rtol=1e-6, atol=1e-7)
