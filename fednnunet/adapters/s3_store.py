@@ -80,7 +80,9 @@ def _tls_problem(exc: BaseException) -> str | None:
             inner = e.args[0]
             if not isinstance(inner, ssl.SSLError):  # e.g. the CA file cannot be read
                 return f"TLS setup failed: {inner}"
-        todo.extend([getattr(e, "reason", None), e.__cause__, e.__context__])
+        reason = getattr(e, "reason", None)  # urllib3 keeps the cause there
+        todo.extend([reason if isinstance(reason, BaseException) else None])
+        todo.extend([e.__cause__, e.__context__])
         todo.extend(a for a in e.args if isinstance(a, BaseException))
     return None
 
@@ -91,6 +93,35 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, S3Error):
         return exc.code in {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"}
     return isinstance(exc, (urllib3.exceptions.HTTPError, OSError, ConnectionError))
+
+
+class ObjectRefused(FedError):
+    """An object that is not what its reference claims (``kind``: missing-object,
+    oversized, mismatch), seen before its body is read."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind, self.reason = kind, reason
+        super().__init__(reason)
+
+
+def _read_body(resp: Any, claimed: int) -> tuple[bytearray, str]:
+    """An object's body read into one buffer and hashed per chunk; at most ``claimed``
+    + 1 bytes are read (a larger body is refused by the verification, rest unread)."""
+    h = hashlib.sha256()
+    buffer = uninitialized_bytearray(claimed + 1)  # cut to what was read, below
+    view = memoryview(buffer)
+    size = 0
+    try:
+        while size <= claimed:
+            n = resp.readinto(view[size : size + (4 << 20)])
+            if not n:
+                break
+            h.update(view[size : size + n])
+            size += n
+    finally:
+        view.release()
+    del buffer[size:]
+    return buffer, h.hexdigest()
 
 
 class ArtifactStore:
@@ -460,24 +491,49 @@ class ArtifactStore:
     def _read_capped(self, ref: ArtifactRef) -> tuple[bytearray, str]:
         """The object read into one buffer and hashed per chunk; at most ``ref.size`` + 1
         bytes are read (a larger object is refused by the verification, rest unread)."""
-        h = hashlib.sha256()
-        buffer = uninitialized_bytearray(ref.size + 1)  # cut to what was read, below
-        view = memoryview(buffer)
-        size = 0
         resp = self.client.get_object(ref.bucket, ref.key)
         try:
-            while size <= ref.size:
-                n = resp.readinto(view[size : size + (4 << 20)])
-                if not n:
-                    break
-                h.update(view[size : size + n])
-                size += n
+            return _read_body(resp, ref.size)
         finally:
-            view.release()
             resp.close()
             resp.release_conn()
-        del buffer[size:]
-        return buffer, h.hexdigest()
+
+    def get_checked(self, ref: ArtifactRef, max_bytes: int) -> bytearray:
+        """A claimed object checked and read with one request (instead of a stat, then a
+        GET): the response headers must show what a stat would (the object exists, its
+        size is within ``max_bytes`` and equal to the claim, its sha256 metadata is the
+        claim), else :class:`ObjectRefused` before a byte of the body is read; then the
+        body is read (at most the claimed size) and verified."""
+        self._check_ref_size(ref)
+
+        def do() -> tuple[bytearray, str]:
+            try:
+                resp = self.client.get_object(ref.bucket, ref.key)
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND:
+                    raise ObjectRefused(
+                        "missing-object", f"s3://{ref.bucket}/{ref.key} does not exist"
+                    ) from None
+                raise
+            try:
+                size = int(resp.headers.get("Content-Length", -1))
+                sha = resp.headers.get("x-amz-meta-" + SHA_META)
+                if size > max_bytes:
+                    raise ObjectRefused("oversized", f"{size}-byte object (limit {max_bytes})")
+                if size != ref.size or sha != ref.sha256:
+                    raise ObjectRefused(
+                        "mismatch",
+                        f"s3://{ref.bucket}/{ref.key} is {size} B sha256 {(sha or '?')[:12]}…, "
+                        f"the report claims {ref.size} B {ref.sha256[:12]}…",
+                    )
+                return _read_body(resp, ref.size)
+            finally:
+                resp.close()
+                resp.release_conn()
+
+        data, sha = self._retry(f"get {ref.bucket}/{ref.key}", do)
+        self._verify(ref, len(data), sha)
+        return data
 
     def get_json(self, ref: ArtifactRef) -> Any:
         return json.loads(self.get_bytes(ref))

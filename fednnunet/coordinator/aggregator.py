@@ -164,11 +164,13 @@ class RoundFold:
         self._folded: list[tuple[str, str, float]] = []  # (site, sha256, weight), in order
         self._dtypes: dict[str, torch.dtype] = {}
 
-    def screen(self, store: ArtifactStore, report: SiteReport) -> tuple[list[str], float | None]:
+    def screen(
+        self, store: ArtifactStore, report: SiteReport, data: bytearray | None = None
+    ) -> tuple[list[str], float | None]:
         """(reasons to quarantine, L2 norm) of the report's update; computed once.
 
-        The update is read into memory (its cached copy is written in the background)
-        and kept there until it is folded: no disk on the round's critical path."""
+        The update is read into memory (``data``: already read and verified) and kept
+        there until it is folded: no disk on the round's critical path."""
         ref = report.artifact
         if ref is None:
             return ["no update"], None
@@ -177,7 +179,8 @@ class RoundFold:
             known = self._verdicts.get(ident)
         if known is not None:
             return known
-        data = store.get_bytes(ref)  # no disk copy: a rebuild or a restart fetches again
+        if data is None:  # no disk copy: a rebuild or a restart fetches again
+            data = store.get_bytes(ref)
         problems = signature_problems(_signature(header_of(data)), self.reference, self.exact)
         norm = None
         tensors = None

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
-from fednnunet.adapters.s3_store import ArtifactStore
+from fednnunet.adapters.s3_store import ArtifactStore, ObjectRefused
 from fednnunet.adapters.weights_codec import read_file_header
 from fednnunet.background import low_priority_pool
 from fednnunet.coordinator.aggregator import AggregationResult, RoundFold, aggregate_round
@@ -153,17 +153,23 @@ class Coordinator:
             self.refuse(exp, "forged", f"report for site {report.site_id} from {sender!r}", sender)
             return
         refused: Refused | None = None
+        # Fetch, verify and screen an update now, outside the lock: when the last site
+        # reports, only its own update remains to be read before aggregating.
+        fold = self._open_fold(report)
+        data: bytearray | None = None
         try:
-            ref = self._checked_reference(report)
+            ref, data = self._checked_reference(report, fetch=fold is not None)
         except Refused as exc:
             refused, ref = exc, None
         if ref is not None and report.phase == Phase.TRAIN:
-            # Fetch, verify and screen the update now, outside the lock: when the last
-            # site reports, only its own update remains to be read before aggregating.
             try:
-                if not self._prescreen(report):
+                if fold is not None:
+                    fold.screen(self.store, report, data)
+                else:
                     self.store.get_file(ref)  # for the batch aggregation at the round's end
-            except FedError as exc:
+            except ServiceUnreachable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the locked screening refuses it, with why
                 log.warning("prefetch of %s's update failed: %s", report.site_id, exc)
         with self.redis.locked(exp) as fence:
             state = self._load(exp)
@@ -237,23 +243,15 @@ class Coordinator:
             and state.options.max_site_weight is None
         )
 
-    def _prescreen(self, report: SiteReport) -> bool:
-        """Outside the lock, concurrently with other reports: screen the update against
-        the open round's reference, in memory (the verdict and the tensors are kept for
-        the locked fold). False when the open round does not fold on arrival."""
-        state = self.redis.load(report.experiment_id)  # unlocked read: which round is open
+    def _open_fold(self, report: SiteReport) -> RoundFold | None:
+        """The fold of the round this report is for, if that round is open and folds on
+        arrival (an unlocked read: the locked pass decides what counts)."""
+        if report.phase != Phase.TRAIN or not report.ok or report.artifact is None:
+            return None
+        state = self.redis.load(report.experiment_id)
         if state is None or (report.phase, report.round) != (state.phase, state.round):
-            return False
-        fold = self._round_fold(state)
-        if fold is None:
-            return False
-        try:
-            fold.screen(self.store, report)
-        except ServiceUnreachable:
-            raise
-        except Exception:  # noqa: BLE001, S110 - refused by the locked screening, with why
-            pass
-        return True
+            return None
+        return self._round_fold(state)
 
     def _fold_accepted(self, state: sm.ExperimentState) -> None:
         """Fold the accepted updates of the open round into its running sum, in the
@@ -287,19 +285,32 @@ class Coordinator:
         ]
         return [report for _, _, report in sorted(done, key=lambda x: x[:2])]
 
-    def _checked_reference(self, report: SiteReport) -> ArtifactRef | None:
+    def _checked_reference(
+        self, report: SiteReport, fetch: bool = False
+    ) -> tuple[ArtifactRef | None, bytearray | None]:
         """The report's artifact, believed only after checking it against S3 itself:
         the claimed site's bucket and key layout, then a stat (size within the phase's
-        limit and equal to the claim, same sha256) before any byte is downloaded."""
+        limit and equal to the claim, same sha256) before any byte is downloaded.
+        ``fetch``: the same checks on the GET's headers, then its body, read and
+        verified (one request instead of two; None if the body failed verification,
+        which the screening then refuses)."""
         ref = report.artifact
         if ref is None or not report.ok:
-            return None
+            return None, None
         want_bucket = site_bucket(self.settings.bucket_prefix, report.site_id)
         if ref.bucket != want_bucket:
             raise Refused("foreign-object", f"references bucket {ref.bucket}, not {want_bucket}")
         if not ref.key.startswith(folder_prefix(report.experiment_id, report.phase)):
             raise Refused("foreign-object", f"references key {ref.key[:200]!r}")
         limit = MAX_REPORTED_BYTES.get(report.phase, self.settings.max_object_bytes)
+        if fetch:
+            try:
+                return ref, self.store.get_checked(ref, limit)
+            except ObjectRefused as exc:
+                raise Refused(exc.kind, exc.reason) from None
+            except IntegrityError as exc:
+                log.warning("update of %s failed verification: %s", report.site_id, exc)
+                return ref, None
         actual = self.store.stat(ref.bucket, ref.key)
         if actual is None:
             raise Refused("missing-object", f"s3://{ref.bucket}/{ref.key} does not exist")
@@ -311,7 +322,7 @@ class Coordinator:
                 f"s3://{ref.bucket}/{ref.key} is {actual.size} B sha256 {actual.sha256[:12]}…, "
                 f"the report claims {ref.size} B {ref.sha256[:12]}…",
             )
-        return ref
+        return ref, None
 
     def on_progress(self, event: ProgressEvent, routing_key: str, sender: str | None) -> None:
         """A progress event or heartbeat: the site comes from the routing key and the

@@ -99,3 +99,29 @@ def test_write_once_is_the_put_itself_no_stat_first(stack, unique_id, monkeypatc
         store.put_bytes("fedtest-store", key, b"second writer")
     assert store.put_bytes("fedtest-store", key, b"first writer") == first
     assert store.get_bytes(first) == b"first writer"
+
+
+def test_one_get_checks_what_a_stat_would_before_reading_the_body(store, unique_id):
+    """The coordinator reads a claimed update with one request: a missing, oversized or
+    mismatching object is refused from the response headers, with the stat's kinds."""
+    from fednnunet.adapters.s3_store import ObjectRefused
+
+    key = f"{unique_id('k')}/u.bin"
+    ref = store.put_bytes("fedtest-store", key, b"u" * 4096)
+    assert store.get_checked(ref, max_bytes=4096) == b"u" * 4096
+    cases = {
+        "missing-object": (ref.model_copy(update={"key": key + "-gone"}), 1 << 20),
+        "oversized": (ref, 4095),
+        "mismatch": (ref.model_copy(update={"sha256": "0" * 64}), 1 << 20),
+    }
+    for kind, (claim, limit) in cases.items():
+        with pytest.raises(ObjectRefused) as err:
+            store.get_checked(claim, max_bytes=limit)
+        assert err.value.kind == kind
+    # The same size and sha256 metadata over other bytes: refused by the body's hash.
+    store.client.put_object(
+        "fedtest-store", key + "-evil", io.BytesIO(b"e" * 4096), 4096,
+        metadata={"sha256": ref.sha256},
+    )  # fmt: skip
+    with pytest.raises(IntegrityError, match="failed verification"):
+        store.get_checked(ref.model_copy(update={"key": key + "-evil"}), max_bytes=1 << 20)
