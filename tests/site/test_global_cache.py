@@ -22,12 +22,11 @@ def _service(settings, store, workdir) -> SiteService:
     return SiteService(settings, store, backend=backend)
 
 
-def test_restarted_site_retrains_from_its_cached_global_without_downloading(
-    stack, unique_id, tmp_path
-):
+def _site_with_a_global(stack, unique_id, cache_dir):
+    """A site's settings and store, its bucket, and a round-2 task with a global in S3."""
     site = unique_id("gc")
     settings = stack.model_copy(update={"site_id": site, "dataset_id": 7})
-    store = ArtifactStore(settings, cache_dir=tmp_path / "cache")
+    store = ArtifactStore(settings, cache_dir=cache_dir)
     exp = unique_id("exp-gc-")
     gbucket, sbucket = (
         global_bucket(settings.bucket_prefix),
@@ -45,6 +44,14 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
         options=ExperimentOptions(configuration="2d", fold=0, rounds=3, device="cpu"),
         global_weights=ref,
     )
+    return settings, store, task, (gbucket, sbucket, exp, global_key, ref)
+
+
+def test_restarted_site_retrains_from_its_cached_global_without_downloading(
+    stack, unique_id, tmp_path
+):
+    settings, store, task, where = _site_with_a_global(stack, unique_id, tmp_path / "cache")
+    gbucket, sbucket, exp, global_key, ref = where
 
     first = _service(settings, store, tmp_path / "w1").handle(task)
     assert first.ok, first.error
@@ -78,27 +85,10 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
 def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, tmp_path):
     """The global's cached copy is written in the background, maybe after the site has
     recorded which global it holds: the record must not need the copy's folder."""
-    site = unique_id("gc")
-    settings = stack.model_copy(update={"site_id": site, "dataset_id": 7})
-    store = ArtifactStore(settings, cache_dir=tmp_path / "not-yet" / "cache")
+    cache_dir = tmp_path / "not-yet" / "cache"
+    settings, store, task, where = _site_with_a_global(stack, unique_id, cache_dir)
+    gbucket, sbucket, _, global_key, _ = where
     store._seed_cache_later = lambda ref, data: None  # the background write has not run
-    exp = unique_id("exp-gc-")
-    gbucket, sbucket = (
-        global_bucket(settings.bucket_prefix),
-        site_bucket(settings.bucket_prefix, site),
-    )
-    store.ensure_bucket(gbucket)
-    store.ensure_bucket(sbucket)
-    global_key = artifact_key(exp, Phase.TRAIN, 1, GLOBAL_SITE, "weights.safetensors")
-    ref = store.put_bytes(gbucket, global_key, encode_weights(build_state("tiny", 99)))
-    task = SiteTask(
-        experiment_id=exp,
-        site_id=site,
-        phase="train",
-        round=2,
-        options=ExperimentOptions(configuration="2d", fold=0, rounds=3, device="cpu"),
-        global_weights=ref,
-    )
     report = _service(settings, store, tmp_path / "w").handle(task)
     assert report.ok, report.error
     assert report.metrics["layers_loaded"] == 4.0
