@@ -395,6 +395,8 @@ class ArtifactStore:
         with self._seeding_lock:
             if self._seeder is None:  # low priority: a copy for later, not for this round
                 self._seeder = low_priority_pool("cache-seed")
+            for path in [p for p, f in self._seeding.items() if f.done()]:  # bounded
+                del self._seeding[path]
             self._seeding[cached] = self._seeder.submit(
                 self._seed_cache, ref, lambda tmp: tmp.write_bytes(data)
             )
