@@ -1,9 +1,11 @@
 """Aggregation of one round from S3 objects: verify, quarantine, stream FedAvg, publish.
 
-Each update is downloaded once into a local cache keyed by (bucket, key, sha256),
-verified, checked against the round's reference model, then added to a streaming
-accumulator: peak memory is the global model plus one update, whatever the number
-of sites.
+Each update is downloaded once, verified, checked against the round's reference model,
+then added to a streaming accumulator, whatever the number of sites. Folding on arrival
+(:class:`RoundFold`) keeps it all in memory: the accumulator, the last global (the next
+round's reference) and each screened update until its fold, at most one per report
+thread. The batch path (:func:`aggregate_round` without a fold) reads updates from the
+on-disk cache one at a time: the accumulator plus one update.
 """
 
 from __future__ import annotations
