@@ -370,8 +370,8 @@ class ArtifactStore:
         return self.cache_dir / ident
 
     def _seed_cache(self, ref: ArtifactRef, write: Callable[[Path], object]) -> None:
-        """Keep what we uploaded in the cache: the coordinator reads each global back
-        next round (reference shapes and norm), which then costs no download."""
+        """Keep a verified copy of ``ref`` in the cache (written aside, then renamed in):
+        a later read of the same object costs no download."""
         cached = self._cache_file(ref)
         if cached is None or cached.exists():
             return

@@ -78,35 +78,18 @@ def encode_weights_sha256(
 ) -> tuple[bytearray, str]:
     """:func:`encode_weights` and the sha256 of its bytes, hashed by a second thread as
     the buffer fills (for the 125 MB 3d_fullres model: 70 ms instead of 66 + 61 ms)."""
-    spans: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    spans: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
     digest = hashlib.sha256()
-    holder: list[bytearray] = []
-    ready = threading.Event()
 
     def hash_spans() -> None:
-        ready.wait()
-        view = memoryview(holder[0])
-        try:
-            while (span := spans.get()) is not None:
-                digest.update(view[span[0] : span[1]])
-        finally:
-            view.release()
+        while (span := spans.get()) is not None:
+            digest.update(span)
 
     hasher = threading.Thread(target=hash_spans, name="encode-sha256", daemon=True)
     hasher.start()
     try:
-
-        def on_span(buffer: bytearray, begin: int, end: int) -> None:
-            if not holder:
-                holder.append(buffer)
-                ready.set()
-            spans.put((begin, end))
-
-        data = _encode(state, metadata, on_span)
+        data = _encode(state, metadata, lambda buf, b, e: spans.put(memoryview(buf)[b:e]))
     finally:
-        if not holder:  # nothing was encoded (an error): let the hasher end
-            holder.append(bytearray())
-            ready.set()
         spans.put(None)
         hasher.join()
     return data, digest.hexdigest()
@@ -185,11 +168,8 @@ def _aliases(meta: Mapping[str, str] | None) -> dict[str, str]:
 def decode_weights(data: bytes | bytearray, expand_aliases: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of in-memory safetensors bytes, after the same header checks as a
     file. A ``bytearray`` is viewed without a copy (the tensors share it)."""
-    size = len(data)
-    n = int.from_bytes(data[:8], "little") if size >= 8 else 0
-    header = _checked_header(bytes(data[8 : 8 + n]) if size >= 8 else b"", n, size)
+    header, base = _parsed(data)
     buffer = data if isinstance(data, bytearray) else bytearray(data)
-    base = 8 + n
     tensors = {}
     for name, (dtype, shape, begin, end) in header.layout.items():
         if end == begin:
@@ -263,12 +243,16 @@ def _checked_header(raw: bytes, n: int, size: int) -> _Parsed:
     )
 
 
-def header_of(data: bytes | bytearray) -> WeightsHeader:
-    """The checked header of in-memory safetensors bytes (no tensor is built)."""
+def _parsed(data: bytes | bytearray) -> tuple[_Parsed, int]:
+    """The checked header of in-memory safetensors bytes, and where its data begin."""
     size = len(data)
     n = int.from_bytes(data[:8], "little") if size >= 8 else 0
-    h = _checked_header(bytes(data[8 : 8 + n]) if size >= 8 else b"", n, size)
-    return WeightsHeader(h.shapes, h.dtypes, h.aliases, h.metadata)
+    return _checked_header(bytes(data[8 : 8 + n]) if size >= 8 else b"", n, size), 8 + n
+
+
+def header_of(data: bytes | bytearray) -> WeightsHeader:
+    """The checked header of in-memory safetensors bytes (no tensor is built)."""
+    return _parsed(data)[0]
 
 
 def read_header(path: Path) -> WeightsHeader:
@@ -277,8 +261,7 @@ def read_header(path: Path) -> WeightsHeader:
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         raw = fh.read(n) if size >= 8 and 2 <= n <= min(MAX_HEADER_BYTES, size - 8) else b""
-    h = _checked_header(raw, n, size)
-    return WeightsHeader(h.shapes, h.dtypes, h.aliases, h.metadata)
+    return _checked_header(raw, n, size)
 
 
 def read_file_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict]:

@@ -149,8 +149,7 @@ class RoundFold:
     ) -> None:
         """``encoded``: the previous global's bytes, when this process published them
         (verified against ``previous_global``); else they are fetched."""
-        if encoded is None or sha256_bytes(encoded) != previous_global.sha256:
-            encoded = store.get_bytes(previous_global)
+        encoded = _global_bytes(store, previous_global, encoded)
         self.previous = previous_global
         self.reference = _signature(header_of(encoded))
         reference = decode_weights(encoded, expand_aliases=False)
@@ -214,7 +213,6 @@ class RoundFold:
                 update = _subset(decode_weights(data, expand_aliases=False), self.names)
             if not self._dtypes:
                 self._dtypes = {n: t.dtype for n, t in update.items()}
-            # Not owned: the tensors view bytes that may still be on their way to the cache.
             self._acc.add(update, float(weight))
             del update
             self._folded.append(ident)
@@ -228,6 +226,14 @@ class RoundFold:
         if self._acc is None:
             raise ValueError("nothing folded")
         return self._acc.result(self._dtypes)
+
+
+def _global_bytes(store: ArtifactStore, ref: ArtifactRef, kept: bytearray | None) -> bytearray:
+    """A global's bytes: those this process kept when it published ``ref`` (checked
+    against it), else fetched and verified."""
+    if kept is not None and sha256_bytes(kept) == ref.sha256:
+        return kept
+    return store.get_bytes(ref, cache=True)
 
 
 def _subset(tensors: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -323,8 +329,7 @@ def aggregate_round(
     reference: Signature | None = None
     ref_norm: float | None = None
     if previous_global is not None:
-        if previous_encoded is None or sha256_bytes(previous_encoded) != previous_global.sha256:
-            previous_encoded = store.get_bytes(previous_global, cache=True)
+        previous_encoded = _global_bytes(store, previous_global, previous_encoded)
         if previous_defines_model:
             reference = _signature(header_of(previous_encoded))
         ref_norm = l2_norm(decode_weights(previous_encoded, expand_aliases=False))

@@ -212,25 +212,18 @@ class Coordinator:
             return None
         exp = state.experiment_id
         with self._folds_lock:
-            entry = self._folds.get(exp)
-        if isinstance(entry, Future):  # being built since the last round closed
-            try:
-                built: RoundFold | None = entry.result()
-            except Exception:  # noqa: BLE001 - built again below, where an error is seen
-                built = None
-            with self._folds_lock:
-                if self._folds.get(exp) is entry:
-                    if built is None:
-                        del self._folds[exp]
-                    else:
-                        self._folds[exp] = built
-        with self._folds_lock:
             fold = self._folds.get(exp)
-            if not isinstance(fold, RoundFold) or fold.previous != state.global_weights:
+        if isinstance(fold, Future):  # being built since the last round closed
+            try:
+                fold = fold.result()
+            except Exception:  # noqa: BLE001 - built again below, where an error is seen
+                fold = None
+        with self._folds_lock:
+            if fold is None or fold.previous != state.global_weights:
                 exact = state.options.strategy.exact_architecture
                 encoded = self._published.get(exp)
                 fold = RoundFold(self.store, state.global_weights, exact, encoded)
-                self._folds[exp] = fold
+            self._folds[exp] = fold
             return fold
 
     @staticmethod

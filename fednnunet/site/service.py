@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -334,33 +335,29 @@ class SiteService:
         # A snapshot: the checkpoint may run now. Hashed while it is built.
         data, sha = encode_weights_sha256(session.state_dict())
         meta = {"num_cases": session.num_training_cases(), "metrics": metrics}
-        if trained:
-            # The resume checkpoint, then the report's record, are written after the
-            # report is sent (worker) or while the update uploads: off the round's
-            # critical path. The record comes after the checkpoint: a redelivered task
-            # that finds it also finds the checkpoint, so it never retrains into a
-            # different record.
-            def checkpoint_then_record() -> None:
-                session.save_round_checkpoint(task.round)
-                self._save_meta(task, meta)
+        upload = partial(
+            self.store.put_bytes, self.bucket, update_key, data, kind="weights_update", sha256=sha
+        )
 
-            if self._defer_writes:
-                ref = self.store.put_bytes(
-                    self.bucket, update_key, data, kind="weights_update", sha256=sha
-                )
-                self._deferred.insert(0, checkpoint_then_record)  # before the global's copy
-            else:
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
-                    saved = pool.submit(checkpoint_then_record)
-                    ref = self.store.put_bytes(
-                        self.bucket, update_key, data, kind="weights_update", sha256=sha
-                    )
-                    saved.result()
-        else:
-            ref = self.store.put_bytes(
-                self.bucket, update_key, data, kind="weights_update", sha256=sha
-            )
+        # The resume checkpoint, then the report's record, are written after the report
+        # is sent (worker) or while the update uploads: off the round's critical path.
+        # The record comes after the checkpoint: a redelivered task that finds it also
+        # finds the checkpoint, so it never retrains into a different record.
+        def checkpoint_then_record() -> None:
+            session.save_round_checkpoint(task.round)
             self._save_meta(task, meta)
+
+        if not trained:
+            ref = upload()
+            self._save_meta(task, meta)
+        elif self._defer_writes:
+            ref = upload()
+            self._deferred.append(checkpoint_then_record)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") as pool:
+                saved = pool.submit(checkpoint_then_record)
+                ref = upload()
+                saved.result()
         # Timing of this delivery only: not in the stored meta, which must not change
         # when a redelivered task writes it again.
         metrics = {**metrics, "push_s": time.perf_counter() - t_push}
