@@ -213,6 +213,30 @@ def _realiased(state):
     return save(tensors, metadata={"fednnunet.aliases": json.dumps({"2.bias": "0.bias"})})
 
 
+def _split(data: bytes) -> tuple[dict, bytes]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _joined(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+def _overlapping(state):
+    """2.bias is declared inside 0.bias's bytes: one stored tensor read as two layers
+    (an alias the header does not declare)."""
+    header, body = _split(bytes(encode_weights({k: v for k, v in state.items() if k != "2.bias"})))
+    start = header["0.bias"]["data_offsets"][0]
+    header["2.bias"] = {"dtype": "F32", "shape": [4], "data_offsets": [start, start + 16]}
+    return _joined(header, body)
+
+
+def _trailing(state):
+    """An honest update with bytes hidden after its last tensor."""
+    return bytes(encode_weights(state)) + b"hidden payload" * 8
+
+
 def _tensors(make):
     return lambda state: encode_weights(make(state))
 
@@ -228,9 +252,11 @@ def _tensors(make):
         (_garbage, "MalformedWeights", 2),
         (_absurd_header, "inconsistent dtype/shape/offsets", 2),
         (_realiased, "alias", 2),
+        (_overlapping, "overlaps or leaves a gap", 2),
+        (_trailing, "after the last tensor", 2),
     ],
     ids=["nan", "missing-key", "shape", "huge-norm", "huge-norm-round-1", "garbage",
-         "absurd-header", "re-aliased"],
+         "absurd-header", "re-aliased", "overlapping-tensors", "trailing-bytes"],
 )  # fmt: skip
 def test_bad_updates_are_quarantined_not_averaged(consortium, make, why, from_round):
     c = consortium
