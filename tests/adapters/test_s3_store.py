@@ -125,3 +125,29 @@ def test_one_get_checks_what_a_stat_would_before_reading_the_body(store, unique_
     )  # fmt: skip
     with pytest.raises(IntegrityError, match="failed verification"):
         store.get_checked(ref.model_copy(update={"key": key + "-evil"}), max_bytes=1 << 20)
+
+
+def test_a_body_this_process_hashed_is_not_hashed_again_by_the_client(
+    store, unique_id, monkeypatch
+):
+    """minio hashes every PUT body itself (``minio.api.sha256_hash`` for SigV4 over http,
+    ``md5sum_hash`` over https): PayloadHashMinio hands it the sha256 put_bytes knows,
+    so no second pass reads the body. Fails if minio renames either helper."""
+    import minio.api
+
+    hashed: list[int] = []
+    for name in ("sha256_hash", "md5sum_hash"):
+        real = getattr(minio.api, name)  # AttributeError here: minio changed
+
+        def counting(data, real=real):  # noqa: ANN001, ANN202
+            hashed.append(len(data or b""))
+            return real(data)
+
+        monkeypatch.setattr(minio.api, name, counting)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    ref = store.put_bytes("fedtest-store", f"{unique_id('k')}/w.bin", data)
+    assert max(hashed, default=0) < len(data)  # the body was never hashed by the client
+    assert store.get_bytes(ref) == data and ref.sha256 == sha256_bytes(data)
+    # Control: the stock upload path does hash it (so the count above can fail).
+    store.client.put_object("fedtest-store", f"{unique_id('k')}/c.bin", io.BytesIO(data), len(data))
+    assert max(hashed) == len(data)
