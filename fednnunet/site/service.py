@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,9 @@ class SiteService:
         self._defer_writes = False
         self._deferred: list[Callable[[], None]] = []
         self._deferred_pool = low_priority_pool("site-deferred")
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-read")
+        # The global last read from S3, not yet copied to the cache (done while training).
+        self._unseeded: tuple[ArtifactRef, bytearray] | None = None
         self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
@@ -216,21 +219,56 @@ class SiteService:
         key = global_weights_key(task.experiment_id, task.round)
         return self.store.stat(self.global_bucket, key) is not None
 
-    def _load_global(self, task: SiteTask, session: Any) -> int:
-        tensors = self._global_tensors(task, task.global_weights)
-        return 0 if tensors is None else len(session.load_global(tensors))
+    def _load_global(
+        self,
+        task: SiteTask,
+        session: Any,
+        prefetched: Future[bytearray] | None = None,
+        seed: bool = True,
+    ) -> int:
+        """Load the task's global into the session; ``seed=False``: its cached copy is
+        left for the caller's :meth:`_seed_global_copy`."""
+        tensors = self._global_tensors(task, task.global_weights, prefetched)
+        loaded = 0 if tensors is None else len(session.load_global(tensors))
+        if seed:
+            self._seed_global_copy()
+        return loaded
 
-    def _global_tensors(self, task: SiteTask, ref: ArtifactRef | None) -> dict | None:
+    def _read_global(self, ref: ArtifactRef) -> bytearray:
+        """The task's global, verified. Kept by sha256 when there is a cache: a
+        redelivered task or a restarted worker loads it from disk (one per experiment);
+        the copy is written by :meth:`_seed_global_copy`, once training runs."""
+        cached = self.store.cache_dir is not None
+        return self.store.get_bytes(ref, cache=cached, seed=False)
+
+    def _prefetch_global(self, task: SiteTask) -> Future[bytearray] | None:
+        """Start reading the task's global now: the checks before it (is this round's
+        update uploaded already, is the round closed) overlap its download instead of
+        preceding it. A task that turns out to need no global drops it."""
+        if task.global_weights is None:
+            return None
+        return self._prefetcher.submit(self._read_global, task.global_weights)
+
+    def _global_tensors(
+        self, task: SiteTask, ref: ArtifactRef | None, prefetched: Future | None = None
+    ) -> dict | None:
         if ref is None:
             return None
-        if self.store.cache_dir is None or ref != task.global_weights:
+        if ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
-        # Verified once, kept by sha256: a redelivered task or a restarted worker loads
-        # it from disk. One global per experiment is kept. The copy is written by a
-        # low-priority thread while training runs.
-        tensors = decode_weights(self.store.get_bytes(ref, cache=True))
-        self._remember_cached_global(task.experiment_id, ref)
-        return tensors
+        data = prefetched.result() if prefetched is not None else self._read_global(ref)
+        if self.store.cache_dir is not None:
+            self._unseeded = (ref, data)
+            self._remember_cached_global(task.experiment_id, ref)
+        return decode_weights(data)
+
+    def _seed_global_copy(self) -> None:
+        """Copy the global just read to the cache, on a low-priority thread. Called once
+        training has started: the other sites may still be downloading the same global."""
+        if self._unseeded is not None:
+            ref, data = self._unseeded
+            self._unseeded = None
+            self.store.seed_cache_later(ref, data)
 
     def _score_global(
         self, task: SiteTask, session: Any, global_round: int, full: bool = True
@@ -284,6 +322,7 @@ class SiteService:
 
     def train_round(self, task: SiteTask) -> SiteReport:
         update_key = self._artifact_key(task)
+        prefetched = self._prefetch_global(task)
         existing = self.store.stat(self.bucket, update_key)
         if existing is not None:
             # The uploaded update is the round's result at this site, even if the local
@@ -308,9 +347,10 @@ class SiteService:
         trained = session.last_completed_round() < task.round
         if trained:
             t_pull = time.perf_counter()
-            loaded = self._load_global(task, session)
+            loaded = self._load_global(task, session, prefetched, seed=False)
             pulled = time.perf_counter()
             evaluation = self._score_global(task, session, task.round - 1)
+            self._seed_global_copy()  # the other sites may be downloading it still
             t_train = time.perf_counter()
             on_iteration = self._on_iteration
             extra: dict[str, Any] = {}

@@ -88,7 +88,7 @@ def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, t
     cache_dir = tmp_path / "not-yet" / "cache"
     settings, store, task, where = _site_with_a_global(stack, unique_id, cache_dir)
     gbucket, sbucket, _, global_key, _ = where
-    store._seed_cache_later = lambda ref, data: None  # the background write has not run
+    store.seed_cache_later = lambda ref, data: None  # the background write has not run
     report = _service(settings, store, tmp_path / "w").handle(task)
     assert report.ok, report.error
     assert report.metrics["layers_loaded"] == 4.0
