@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
+from fednnunet.adapters.s3_store import ArtifactStore
 from fednnunet.adapters.weights_codec import (
     WeightsHeader,
     decode_weights,
@@ -229,9 +229,10 @@ class RoundFold:
 
 
 def _global_bytes(store: ArtifactStore, ref: ArtifactRef, kept: bytearray | None) -> bytearray:
-    """A global's bytes: those this process kept when it published ``ref`` (checked
-    against it), else fetched and verified."""
-    if kept is not None and sha256_bytes(kept) == ref.sha256:
+    """A global's bytes: those this process kept when it published ``ref`` (the caller
+    matched them to ``ref``; hashed while they were encoded, not again), else fetched
+    and verified."""
+    if kept is not None and len(kept) == ref.size:
         return kept
     return store.get_bytes(ref, cache=True)
 

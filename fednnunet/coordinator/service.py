@@ -105,7 +105,7 @@ class Coordinator:
         self._folds: dict[str, RoundFold | Future[RoundFold]] = {}
         self._fold_builder = low_priority_pool("fednnunet-fold")
         # The last global this process published, per experiment: next round's reference.
-        self._published: dict[str, bytearray] = {}
+        self._published: dict[str, tuple[ArtifactRef, bytearray]] = {}
         self._folds_lock = threading.Lock()
         self.senders = SenderPolicy.from_settings(settings)
 
@@ -221,10 +221,17 @@ class Coordinator:
         with self._folds_lock:
             if fold is None or fold.previous != state.global_weights:
                 exact = state.options.strategy.exact_architecture
-                encoded = self._published.get(exp)
+                encoded = self._kept_global(exp, state.global_weights)
                 fold = RoundFold(self.store, state.global_weights, exact, encoded)
             self._folds[exp] = fold
             return fold
+
+    def _kept_global(self, experiment_id: str, ref: ArtifactRef | None) -> bytearray | None:
+        """The bytes of ``ref`` if this process published it (kept since; not hashed
+        again), else None: they are fetched and verified. (One dict read: safe with or
+        without ``_folds_lock`` held.)"""
+        kept = self._published.get(experiment_id)
+        return kept[1] if kept is not None and ref is not None and kept[0] == ref else None
 
     @staticmethod
     def _folds_on_arrival(state: sm.ExperimentState) -> bool:
@@ -580,7 +587,7 @@ class Coordinator:
         with self._folds_lock:
             self._folds.pop(state.experiment_id, None)
             if res.encoded is not None and state.phase == Phase.TRAIN:
-                self._published[state.experiment_id] = res.encoded
+                self._published[state.experiment_id] = (result_ref, res.encoded)
                 if self._folds_on_arrival(state):  # next round's, built while sites train
                     self._folds[state.experiment_id] = self._fold_builder.submit(
                         RoundFold,
@@ -622,7 +629,7 @@ class Coordinator:
                     # task (another head): the sites' architecture decides, not it.
                     previous_defines_model=state.round > 1,
                     fold=self._round_fold(state),
-                    previous_encoded=self._published.get(state.experiment_id),
+                    previous_encoded=self._kept_global(state.experiment_id, state.global_weights),
                 )
             except IntegrityError:
                 existing = self.store.stat(self.global_bucket, key)
