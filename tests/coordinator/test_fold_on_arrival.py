@@ -186,3 +186,32 @@ def test_a_coordinator_killed_mid_round_is_replaced_with_the_same_global(s3, uni
     redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
     for key in redis.r.scan_iter(f"{redis.ns}:*"):
         redis.r.delete(key)
+
+
+def test_the_next_rounds_reference_is_the_kept_global_neither_read_nor_hashed_again(
+    s3, monkeypatch
+):
+    """A coordinator builds the next round's fold from the global bytes it kept when it
+    published them (hashed once, while encoding): no S3 read, no second sha256 pass.
+    Without kept bytes (a restarted coordinator) they are fetched and verified."""
+    import hashlib
+
+    from fednnunet.adapters.weights_codec import encode_weights_sha256
+
+    settings, store = s3
+    data, sha = encode_weights_sha256(_update(1))
+    ref = store.put_bytes(global_bucket(settings.bucket_prefix), "g/r1", data, sha256=sha)
+    real_sha256, hashed, reads = hashlib.sha256, [], []
+
+    def counting_sha256(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        hashed.append(len(args[0]) if args else 0)
+        return real_sha256(*args, **kwargs)
+
+    real_get = store.get_bytes
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    monkeypatch.setattr(store, "get_bytes", lambda *a, **k: reads.append(a) or real_get(*a, **k))
+    kept = RoundFold(store, ref, exact=True, encoded=data)
+    assert reads == [] and max(hashed, default=0) < len(data)
+    fetched = RoundFold(store, ref, exact=True)  # nothing kept: read from S3, verified
+    assert len(reads) == 1
+    assert kept.names == fetched.names and kept.reference_norm == fetched.reference_norm

@@ -96,3 +96,29 @@ def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, t
         store.client.remove_object(sbucket, key)
     store.client.remove_bucket(sbucket)
     store.client.remove_object(gbucket, global_key)
+
+
+def test_a_task_for_a_closed_round_is_skipped_though_its_global_was_being_read(
+    stack, unique_id, tmp_path
+):
+    """The global's download starts with the task, before the site knows whether the
+    round is still open: a stale task (its round's global exists) still trains nothing
+    and uploads nothing, and the site handles the next task normally."""
+    from fednnunet.keys import global_weights_key
+
+    settings, store, task, where = _site_with_a_global(stack, unique_id, tmp_path / "cache")
+    gbucket, sbucket, exp, global_key, _ = where
+    closed = global_weights_key(exp, task.round)  # round 2 already aggregated
+    store.put_bytes(gbucket, closed, encode_weights(build_state("tiny", 97)))
+    svc = _service(settings, store, tmp_path / "w")
+    stale = svc.handle(task)
+    assert not stale.ok and "already closed" in (stale.error or "")
+    assert store.list_keys(sbucket, f"{exp}/") == []  # no update, no record
+    store.client.remove_object(gbucket, closed)
+    fresh = svc.handle(task)  # the same round, open again: trains from its global
+    assert fresh.ok, fresh.error
+    assert fresh.metrics["layers_loaded"] == 4.0
+    for key in store.list_keys(sbucket, ""):
+        store.client.remove_object(sbucket, key)
+    store.client.remove_bucket(sbucket)
+    store.client.remove_object(gbucket, global_key)
