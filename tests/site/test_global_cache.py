@@ -47,6 +47,15 @@ def _site_with_a_global(stack, unique_id, cache_dir):
     return settings, store, task, (gbucket, sbucket, exp, global_key, ref)
 
 
+def _remove(store: ArtifactStore, sbucket: str, gbucket: str, *global_keys: str) -> None:
+    """The site's bucket and the named globals."""
+    for key in store.list_keys(sbucket, ""):
+        store.client.remove_object(sbucket, key)
+    store.client.remove_bucket(sbucket)
+    for key in global_keys:
+        store.client.remove_object(gbucket, key)
+
+
 def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     stack, unique_id, tmp_path
 ):
@@ -76,10 +85,7 @@ def test_restarted_site_retrains_from_its_cached_global_without_downloading(
     assert svc.handle(task.model_copy(update={"round": 3, "global_weights": ref3})).ok
     assert store.cache_path(ref3).is_file()
     assert not store.cache_path(ref).exists()
-    for key in store.list_keys(sbucket, ""):
-        store.client.remove_object(sbucket, key)
-    store.client.remove_bucket(sbucket)
-    store.client.remove_object(gbucket, key3)
+    _remove(store, sbucket, gbucket, key3)
 
 
 def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, tmp_path):
@@ -92,10 +98,7 @@ def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, t
     report = _service(settings, store, tmp_path / "w").handle(task)
     assert report.ok, report.error
     assert report.metrics["layers_loaded"] == 4.0
-    for key in store.list_keys(sbucket, ""):
-        store.client.remove_object(sbucket, key)
-    store.client.remove_bucket(sbucket)
-    store.client.remove_object(gbucket, global_key)
+    _remove(store, sbucket, gbucket, global_key)
 
 
 def test_a_task_for_a_closed_round_is_skipped_though_its_global_was_being_read(
@@ -118,7 +121,4 @@ def test_a_task_for_a_closed_round_is_skipped_though_its_global_was_being_read(
     fresh = svc.handle(task)  # the same round, open again: trains from its global
     assert fresh.ok, fresh.error
     assert fresh.metrics["layers_loaded"] == 4.0
-    for key in store.list_keys(sbucket, ""):
-        store.client.remove_object(sbucket, key)
-    store.client.remove_bucket(sbucket)
-    store.client.remove_object(gbucket, global_key)
+    _remove(store, sbucket, gbucket, global_key)
