@@ -106,6 +106,24 @@ class ObjectRefused(FedError):
         super().__init__(reason)
 
 
+def _refusal(ref: ArtifactRef, size: int, sha: str | None, max_bytes: int) -> ObjectRefused | None:
+    """Why the stored object (``size``, ``sha`` metadata) is not what ``ref`` claims,
+    or is over ``max_bytes``; None when it is."""
+    if size > max_bytes:
+        return ObjectRefused("oversized", f"{size}-byte object (limit {max_bytes})")
+    if size != ref.size or sha != ref.sha256:
+        return ObjectRefused(
+            "mismatch",
+            f"s3://{ref.bucket}/{ref.key} is {size} B sha256 {(sha or '?')[:12]}…, "
+            f"the report claims {ref.size} B {ref.sha256[:12]}…",
+        )
+    return None
+
+
+def _missing(ref: ArtifactRef) -> ObjectRefused:
+    return ObjectRefused("missing-object", f"s3://{ref.bucket}/{ref.key} does not exist")
+
+
 def _read_body(resp: Any, claimed: int) -> tuple[bytearray, str]:
     """An object's body read into one buffer and hashed per chunk; at most ``claimed``
     + 1 bytes are read (a larger body is refused by the verification, rest unread)."""
@@ -529,6 +547,17 @@ class ArtifactStore:
             resp.close()
             resp.release_conn()
 
+    def stat_checked(self, ref: ArtifactRef, max_bytes: int) -> None:
+        """Raise :class:`ObjectRefused` unless the stored object is what ``ref`` claims
+        (it exists, its size is within ``max_bytes`` and equal to the claim, its sha256
+        metadata is the claim); no byte of its body is read."""
+        actual = self.stat(ref.bucket, ref.key)
+        if actual is None:
+            raise _missing(ref)
+        refused = _refusal(ref, actual.size, actual.sha256, max_bytes)
+        if refused is not None:
+            raise refused
+
     def get_checked(self, ref: ArtifactRef, max_bytes: int) -> bytearray:
         """A claimed object checked and read with one request (instead of a stat, then a
         GET): the response headers must show what a stat would (the object exists, its
@@ -542,21 +571,14 @@ class ArtifactStore:
                 resp = self.client.get_object(ref.bucket, ref.key)
             except S3Error as exc:
                 if exc.code in _NOT_FOUND:
-                    raise ObjectRefused(
-                        "missing-object", f"s3://{ref.bucket}/{ref.key} does not exist"
-                    ) from None
+                    raise _missing(ref) from None
                 raise
             try:
                 size = int(resp.headers.get("Content-Length", -1))
                 sha = resp.headers.get("x-amz-meta-" + SHA_META)
-                if size > max_bytes:
-                    raise ObjectRefused("oversized", f"{size}-byte object (limit {max_bytes})")
-                if size != ref.size or sha != ref.sha256:
-                    raise ObjectRefused(
-                        "mismatch",
-                        f"s3://{ref.bucket}/{ref.key} is {size} B sha256 {(sha or '?')[:12]}…, "
-                        f"the report claims {ref.size} B {ref.sha256[:12]}…",
-                    )
+                refused = _refusal(ref, size, sha, max_bytes)
+                if refused is not None:
+                    raise refused
                 return _read_body(resp, ref.size)
             finally:
                 resp.close()

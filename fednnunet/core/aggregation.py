@@ -51,8 +51,7 @@ class StreamingFedAvg:
         for name in self._names if like is not None else ():
             t = like[name]
             if t.is_floating_point():
-                dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-                self._sum[name] = torch.full(t.shape, -0.0, dtype=dtype)
+                self._sum[name] = torch.full(t.shape, -0.0, dtype=_sum_dtype(t))
         self._total_weight = 0.0
         self._count = 0
         self._result: dict[str, torch.Tensor] | None = None
@@ -72,7 +71,7 @@ class StreamingFedAvg:
             acc = self._sum.get(name)
             if acc is None:
                 if tensor.is_floating_point():
-                    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+                    dtype = _sum_dtype(tensor)
                     if owned and tensor.dtype == dtype and tensor.is_contiguous():
                         self._sum[name] = tensor.mul_(weight)  # in place: no copy
                     else:  # one pass: the product is the copy
@@ -107,6 +106,11 @@ class StreamingFedAvg:
                 value = value.to(dtypes[name])
             out[name] = value
         return out
+
+
+def _sum_dtype(t: torch.Tensor) -> torch.dtype:
+    """Floating layers are summed in float32 (float64 for float64 inputs)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def capped_weights(cases: Mapping[str, int], max_share: float | None = None) -> dict[str, float]:

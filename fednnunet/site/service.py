@@ -250,7 +250,7 @@ class SiteService:
         return self._prefetcher.submit(self._read_global, task.global_weights)
 
     def _global_tensors(
-        self, task: SiteTask, ref: ArtifactRef | None, prefetched: Future | None = None
+        self, task: SiteTask, ref: ArtifactRef | None, prefetched: Future[bytearray] | None = None
     ) -> dict | None:
         if ref is None:
             return None
