@@ -130,12 +130,28 @@ class StandInSession:
         return self._state
 
     def load_global(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Like the real session: names that share one storage are copied into it once
+        (the first supplied name of matching shape), and all of them count as loaded."""
         loaded = []
-        for k, v in tensors.items():
-            if k in self._state and self._state[k].shape == v.shape:
-                self._state[k].copy_(v)
-                loaded.append(k)
+        for names in self._alias_groups():
+            target = self._state[names[0]]
+            src = next(
+                (tensors[n] for n in names if n in tensors and tensors[n].shape == target.shape),
+                None,
+            )
+            if src is not None:
+                target.copy_(src)
+                loaded.extend(n for n in names if n in tensors)
         return loaded
+
+    def _alias_groups(self) -> list[list[str]]:
+        """The state's names grouped by the storage they view (nnU-Net's state dict
+        lists encoder weights under several names)."""
+        groups: dict[tuple, list[str]] = {}
+        for name, t in self._state.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+            groups.setdefault(key, []).append(name)
+        return list(groups.values())
 
     def train_epochs(
         self,
@@ -169,7 +185,16 @@ class StandInSession:
 
     def evaluate_pseudo_dice(self) -> dict[str, float]:
         """A deterministic score of the current weights (no data): 1 / (1 + |mean weight|)."""
-        floats = [t.float().mean().abs() for t in self._state.values() if t.is_floating_point()]
+        # One mean per storage, summed over every name as before (same value, a third
+        # of the work on nnU-Net's aliased state dict).
+        means: dict[tuple, torch.Tensor] = {}
+        floats = []
+        for t in self._state.values():
+            if t.is_floating_point():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
+                if key not in means:
+                    means[key] = t.float().mean().abs()
+                floats.append(means[key])
         score = 1.0 / (1.0 + float(sum(floats)))
         return {"pseudo_dice": score, "pseudo_dice_1": score}
 
