@@ -124,10 +124,11 @@ def _missing(ref: ArtifactRef) -> ObjectRefused:
     return ObjectRefused("missing-object", f"s3://{ref.bucket}/{ref.key} does not exist")
 
 
-def _read_body(resp: Any, claimed: int) -> tuple[bytearray, str]:
-    """An object's body read into one buffer and hashed per chunk; at most ``claimed``
-    + 1 bytes are read (a larger body is refused by the verification, rest unread)."""
-    h = hashlib.sha256()
+def _read_body(resp: Any, claimed: int, hashed: bool = True) -> tuple[bytearray, str]:
+    """An object's body read into one buffer and hashed per chunk (``hashed=False``: not
+    hashed, "" for the digest); at most ``claimed`` + 1 bytes are read (a larger body is
+    refused by the verification, rest unread)."""
+    h = hashlib.sha256() if hashed else None
     buffer = uninitialized_bytearray(claimed + 1)  # cut to what was read, below
     view = memoryview(buffer)
     size = 0
@@ -136,12 +137,13 @@ def _read_body(resp: Any, claimed: int) -> tuple[bytearray, str]:
             n = resp.readinto(view[size : size + (4 << 20)])
             if not n:
                 break
-            h.update(view[size : size + n])
+            if h is not None:
+                h.update(view[size : size + n])
             size += n
     finally:
         view.release()
     del buffer[size:]
-    return buffer, h.hexdigest()
+    return buffer, "" if h is None else h.hexdigest()
 
 
 class PayloadHashMinio(Minio):
@@ -438,13 +440,18 @@ class ArtifactStore:
         if cached is None:
             return
         with self._seeding_lock:
-            if self._seeder is None:  # low priority: a copy for later, not for this round
-                self._seeder = low_priority_pool("cache-seed")
-            for path in [p for p, f in self._seeding.items() if f.done()]:  # bounded
-                del self._seeding[path]
-            self._seeding[cached] = self._seeder.submit(
+            self._seeding[cached] = self._background().submit(
                 self._seed_cache, ref, lambda tmp: tmp.write_bytes(data)
             )
+
+    def _background(self) -> ThreadPoolExecutor:
+        """The low-priority thread for work this round need not wait for (cache copies,
+        late hashes); the caller holds ``_seeding_lock``."""
+        if self._seeder is None:
+            self._seeder = low_priority_pool("cache-seed")
+        for path in [p for p, f in self._seeding.items() if f.done()]:  # bounded
+            del self._seeding[path]
+        return self._seeder
 
     def _wait_for_seed(self, cached: Path | None) -> None:
         if cached is None:
@@ -510,39 +517,81 @@ class ArtifactStore:
         if ref.size > self.max_object_bytes:
             raise FedError(f"refusing to download {ref.size} bytes: over the object size limit")
 
-    def get_bytes(self, ref: ArtifactRef, cache: bool = False, seed: bool = True) -> bytearray:
+    def get_bytes(self, ref: ArtifactRef, cache: bool = False) -> bytearray:
         """The object's bytes, verified. ``cache``: served from the verified cache when
-        there, else downloaded and cached in the background (nothing waits for the disk);
-        ``seed=False``: not yet, the caller hands the bytes to :meth:`seed_cache_later`
-        when the machine is less busy.
+        there, else downloaded and cached in the background (nothing waits for the disk).
 
         Read into one buffer, hashed as it arrives: a 31 MB object in 28 ms here, where
         the file download takes 46 ms (the disk write) and ``read()`` 52 ms (copies)."""
         self._check_ref_size(ref)
-        cached = self.cache_path(ref) if cache else None
-        if cached is not None and cached.exists():
+        if cache and (data := self.get_cached(ref)) is not None:
+            return data
+        data, sha = self._retry(f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref))
+        self._verify(ref, len(data), sha)
+        if cache:
+            self.seed_cache_later(ref, data)
+        return data
+
+    def get_cached(self, ref: ArtifactRef) -> bytearray | None:
+        """The cached copy of ``ref``, verified again; None if there is none (a copy
+        that fails verification is removed)."""
+        cached = self.cache_path(ref)
+        if cached is None or not cached.exists():
+            return None
+        try:
             os.utime(cached)
             data = uninitialized_bytearray(cached.stat().st_size)
             with open(cached, "rb") as fh:
                 size = fh.readinto(data)
-            # Checked again: the cached bytes were shared with their tensors while the
-            # background write ran (only redelivered tasks read this copy).
-            if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:  # all read
-                return data
-            log.warning("cached copy of %s failed verification; downloading again", ref.key)
-            cached.unlink(missing_ok=True)
-        data, sha = self._retry(f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref))
-        self._verify(ref, len(data), sha)
-        if cached is not None and seed:
-            self.seed_cache_later(ref, data)
+        except FileNotFoundError:  # trimmed meanwhile
+            return None
+        # Checked again: the cached bytes were shared with their tensors while the
+        # background write ran (only redelivered tasks read this copy).
+        if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:  # all read
+            return data
+        log.warning("cached copy of %s failed verification; downloading again", ref.key)
+        cached.unlink(missing_ok=True)
+        return None
+
+    def read_unverified(self, ref: ArtifactRef) -> bytearray:
+        """The object's bytes, not hashed yet: at most ``ref.size`` + 1 bytes are read and
+        another size is refused. For a caller that hashes them later, while it works
+        (:meth:`verify_later`), and lets nothing derived from them leave before that
+        check passes: the hash is then off its critical path."""
+        self._check_ref_size(ref)
+        data, _ = self._retry(
+            f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref, hashed=False)
+        )
+        if len(data) != ref.size:
+            self._verify(ref, len(data), "")
         return data
 
-    def _read_capped(self, ref: ArtifactRef) -> tuple[bytearray, str]:
-        """The object read into one buffer and hashed per chunk; at most ``ref.size`` + 1
-        bytes are read (a larger object is refused by the verification, rest unread)."""
+    def verify_later(
+        self, ref: ArtifactRef, data: bytes | bytearray, cache: bool = False
+    ) -> Future[bool]:
+        """Hash ``data`` against ``ref`` on the low-priority thread; the future says
+        whether they are its bytes. ``cache``: verified bytes are then copied to the cache
+        (a reader of that copy waits for it)."""
+
+        def check() -> bool:
+            verified = len(data) == ref.size and sha256_bytes(data) == ref.sha256
+            if verified and cache:
+                self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
+            return verified
+
+        cached = self._cache_file(ref) if cache else None
+        with self._seeding_lock:
+            future = self._background().submit(check)
+            if cached is not None:
+                self._seeding[cached] = future
+        return future
+
+    def _read_capped(self, ref: ArtifactRef, hashed: bool = True) -> tuple[bytearray, str]:
+        """The object read into one buffer and hashed per chunk (unless not ``hashed``); at
+        most ``ref.size`` + 1 bytes are read (a larger object is refused, rest unread)."""
         resp = self.client.get_object(ref.bucket, ref.key)
         try:
-            return _read_body(resp, ref.size)
+            return _read_body(resp, ref.size, hashed)
         finally:
             resp.close()
             resp.release_conn()

@@ -20,7 +20,7 @@ from typing import Any
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights_sha256
 from fednnunet.background import low_priority_pool
-from fednnunet.errors import DatasetError, FedError, PolicyRefusal
+from fednnunet.errors import DatasetError, FedError, IntegrityError, PolicyRefusal
 from fednnunet.keys import (
     async_closed_key,
     global_bucket,
@@ -69,8 +69,10 @@ class SiteService:
         self._deferred: list[Callable[[], None]] = []
         self._deferred_pool = low_priority_pool("site-deferred")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-read")
-        # The global last read from S3, not yet copied to the cache (done while training).
-        self._unseeded: tuple[ArtifactRef, bytearray] | None = None
+        # The global last read from S3, not hashed yet (done while training), then the
+        # check in flight: nothing trained from it leaves before the check passes.
+        self._unverified: tuple[ArtifactRef, bytearray] | None = None
+        self._global_check: tuple[ArtifactRef, Future[bool]] | None = None
         self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
@@ -223,25 +225,28 @@ class SiteService:
         self,
         task: SiteTask,
         session: Any,
-        prefetched: Future[bytearray] | None = None,
-        seed: bool = True,
+        prefetched: Future[tuple[bytearray, bool]] | None = None,
+        verify_now: bool = True,
     ) -> int:
-        """Load the task's global into the session; ``seed=False``: its cached copy is
-        left for the caller's :meth:`_seed_global_copy`."""
+        """Load the task's global into the session. Bytes fresh from S3 are hashed while
+        the session trains (:meth:`_verify_global_later`, :meth:`_confirm_global`);
+        ``verify_now``: before this returns (the caller reports what it computes)."""
         tensors = self._global_tensors(task, task.global_weights, prefetched)
         loaded = 0 if tensors is None else len(session.load_global(tensors))
-        if seed:
-            self._seed_global_copy()
+        if verify_now:
+            self._verify_global_later()
+            self._confirm_global(task)
         return loaded
 
-    def _read_global(self, ref: ArtifactRef) -> bytearray:
-        """The task's global, verified. Kept by sha256 when there is a cache: a
-        redelivered task or a restarted worker loads it from disk (one per experiment);
-        the copy is written by :meth:`_seed_global_copy`, once training runs."""
-        cached = self.store.cache_dir is not None
-        return self.store.get_bytes(ref, cache=cached, seed=False)
+    def _read_global(self, ref: ArtifactRef) -> tuple[bytearray, bool]:
+        """The task's global and whether it is verified yet: the verified copy in the
+        cache (a redelivered task, a restarted worker: one per experiment), else the
+        bytes from S3, hashed later by :meth:`_verify_global_later`."""
+        if self.store.cache_dir is not None and (data := self.store.get_cached(ref)) is not None:
+            return data, True
+        return self.store.read_unverified(ref), False
 
-    def _prefetch_global(self, task: SiteTask) -> Future[bytearray] | None:
+    def _prefetch_global(self, task: SiteTask) -> Future[tuple[bytearray, bool]] | None:
         """Start reading the task's global now: the checks before it (is this round's
         update uploaded already, is the round closed) overlap its download instead of
         preceding it. A task that turns out to need no global drops it."""
@@ -250,25 +255,47 @@ class SiteService:
         return self._prefetcher.submit(self._read_global, task.global_weights)
 
     def _global_tensors(
-        self, task: SiteTask, ref: ArtifactRef | None, prefetched: Future[bytearray] | None = None
+        self,
+        task: SiteTask,
+        ref: ArtifactRef | None,
+        prefetched: Future[tuple[bytearray, bool]] | None = None,
     ) -> dict | None:
         if ref is None:
             return None
         if ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
-        data = prefetched.result() if prefetched is not None else self._read_global(ref)
-        if self.store.cache_dir is not None:
-            self._unseeded = (ref, data)
-            self._remember_cached_global(task.experiment_id, ref)
+        data, verified = prefetched.result() if prefetched is not None else self._read_global(ref)
+        self._unverified = None if verified else (ref, data)
+        self._global_check = None
+        self._remember_cached_global(task.experiment_id, ref)
         return decode_weights(data)
 
-    def _seed_global_copy(self) -> None:
-        """Copy the global just read to the cache, on a low-priority thread. Called once
-        training has started: the other sites may still be downloading the same global."""
-        if self._unseeded is not None:
-            ref, data = self._unseeded
-            self._unseeded = None
-            self.store.seed_cache_later(ref, data)
+    def _verify_global_later(self) -> None:
+        """Hash the global just loaded on a low-priority thread (verified, it is copied
+        to the cache). Called once training runs: the other sites may still be
+        downloading the same global, and this site's training need not wait for it."""
+        if self._unverified is not None:
+            ref, data = self._unverified
+            self._unverified = None
+            cached = self.store.cache_dir is not None
+            self._global_check = (ref, self.store.verify_later(ref, data, cache=cached))
+
+    def _confirm_global(self, task: SiteTask) -> None:
+        """Raise unless the global this task loaded is the one the coordinator published.
+        The session holds weights trained from the wrong bytes then: it is dropped, and
+        the next attempt resumes from this site's last checkpoint."""
+        check, self._global_check = self._global_check, None
+        if check is None:
+            return
+        ref, verified = check
+        if not verified.result():
+            session = self._sessions.pop(task.experiment_id, None)
+            if session is not None:
+                session.close()
+            raise IntegrityError(
+                f"global s3://{ref.bucket}/{ref.key} failed verification (not the bytes of "
+                f"sha256 {ref.sha256[:12]}…): nothing trained from it was sent"
+            )
 
     def _score_global(
         self, task: SiteTask, session: Any, global_round: int, full: bool = True
@@ -347,10 +374,10 @@ class SiteService:
         trained = session.last_completed_round() < task.round
         if trained:
             t_pull = time.perf_counter()
-            loaded = self._load_global(task, session, prefetched, seed=False)
+            loaded = self._load_global(task, session, prefetched, verify_now=False)
             pulled = time.perf_counter()
             evaluation = self._score_global(task, session, task.round - 1)
-            self._seed_global_copy()  # the other sites may be downloading it still
+            self._verify_global_later()  # the other sites may be downloading it still
             t_train = time.perf_counter()
             on_iteration = self._on_iteration
             extra: dict[str, Any] = {}
@@ -359,6 +386,7 @@ class SiteService:
                 # nnU-Net's poly LR follows the federation's progress, not this site's.
                 extra["lr_progress"] = task.progress or 0.0
             metrics = session.train_epochs(opts.local_epochs, on_iteration=on_iteration, **extra)
+            self._confirm_global(task)  # before anything trained from it leaves
             # Local training time alone: the federation's overhead is the rest of the round.
             metrics["train_s"] = time.perf_counter() - t_train
             slowdown = opts.simulate_slowdown.get(self.site_id, self.settings.slowdown)

@@ -94,7 +94,7 @@ def test_a_site_whose_cache_folder_does_not_exist_yet_trains(stack, unique_id, t
     cache_dir = tmp_path / "not-yet" / "cache"
     settings, store, task, where = _site_with_a_global(stack, unique_id, cache_dir)
     gbucket, sbucket, _, global_key, _ = where
-    store.seed_cache_later = lambda ref, data: None  # the background write has not run
+    store._seed_cache = lambda ref, write: None  # the background write has not run
     report = _service(settings, store, tmp_path / "w").handle(task)
     assert report.ok, report.error
     assert report.metrics["layers_loaded"] == 4.0
@@ -121,4 +121,43 @@ def test_a_task_for_a_closed_round_is_skipped_though_its_global_was_being_read(
     fresh = svc.handle(task)  # the same round, open again: trains from its global
     assert fresh.ok, fresh.error
     assert fresh.metrics["layers_loaded"] == 4.0
+    _remove(store, sbucket, gbucket, global_key)
+
+
+def test_a_global_swapped_in_s3_trains_nothing_that_leaves_and_the_retry_is_honest(
+    stack, unique_id, tmp_path
+):
+    """Someone with write access to the global bucket replaces the global with other
+    weights of the same size after the coordinator published it. The site hashes the
+    global while it trains: it must send no update, cache nothing, report a retryable
+    failure, and, once the published bytes are back, train exactly what a site that
+    never saw the swap trains (the session that trained from the wrong bytes is gone)."""
+    import io
+
+    settings, store, task, where = _site_with_a_global(stack, unique_id, tmp_path / "cache")
+    gbucket, sbucket, exp, global_key, ref = where
+    published = store.get_bytes(ref)
+    swapped = encode_weights(build_state("tiny", 12345))
+    assert len(swapped) == len(published) and swapped != published
+
+    def put_raw(data: bytes) -> None:  # a plain overwrite: no write-once, no sha metadata
+        store.client.put_object(gbucket, global_key, io.BytesIO(data), len(data))
+
+    put_raw(swapped)
+    svc = _service(settings, store, tmp_path / "attacked")
+    refused = svc.handle(task)
+    assert not refused.ok and refused.retryable
+    assert "nothing trained from it was sent" in (refused.error or "")
+    assert store.list_keys(sbucket, f"{exp}/") == []  # no update, no record
+    assert not store.cache_path(ref).exists()
+
+    put_raw(bytes(published))
+    retried = svc.handle(task)
+    assert retried.ok, retried.error
+    for key in store.list_keys(sbucket, f"{exp}/"):  # the honest site writes the same keys
+        store.client.remove_object(sbucket, key)
+    honest = _service(settings, ArtifactStore(settings), tmp_path / "honest").handle(task)
+    assert honest.ok, honest.error
+    assert retried.artifact is not None and honest.artifact is not None
+    assert retried.artifact.sha256 == honest.artifact.sha256
     _remove(store, sbucket, gbucket, global_key)

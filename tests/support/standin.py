@@ -80,6 +80,17 @@ def build_state(model: str, seed: int) -> dict[str, torch.Tensor]:
     raise ValueError(f"unknown stand-in model {model!r}")
 
 
+def _balanced_shares(tensors: list[torch.Tensor], parts: int) -> list[list[torch.Tensor]]:
+    """``tensors`` cut, in order, into ``parts`` runs of about equal element counts."""
+    total = sum(t.numel() for t in tensors) or 1
+    shares: list[list[torch.Tensor]] = [[] for _ in range(parts)]
+    seen = 0
+    for t in tensors:
+        shares[min(parts - 1, seen * parts // total)].append(t)
+        seen += t.numel()
+    return shares
+
+
 def standin_cases(salt: int) -> int:
     """The training cases a stand-in site declares (4 to 8, by dataset id)."""
     return 4 + salt % 5
@@ -161,15 +172,22 @@ class StandInSession:
     ) -> dict[str, float]:
         # The whole call takes sleep_s (or the nudging's own time, if longer): the
         # nudging stands in for training compute, so it is part of S, not overhead.
+        # Like training, it is spread over the epoch's iterations (a share in the middle
+        # of each), not one burst at its start: on a machine that hosts several sites
+        # a burst would slow the others' downloads, which a real site's GPU does not.
+        # The same draws in the same order: the weights do not depend on the split.
         steps = 4
         t0 = time.monotonic()
+        floats = [t for t in self._state.values() if t.is_floating_point()]
+        shares = _balanced_shares(floats, steps)
         for e in range(n):
             self.epoch += 1
             gen = torch.Generator().manual_seed(self.salt * 100_003 + self.epoch)
-            for t in self._state.values():
-                if t.is_floating_point():
-                    t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.01)
             for i in range(steps):
+                middle = t0 + self.sleep_s * (e * steps + i + 0.5) / (n * steps)
+                time.sleep(max(0.0, middle - time.monotonic()))
+                for t in shares[i]:
+                    t.add_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.01)
                 until = t0 + self.sleep_s * (e * steps + i + 1) / (n * steps)
                 time.sleep(max(0.0, until - time.monotonic()))
                 if on_iteration is not None:
