@@ -45,6 +45,10 @@ FINETUNE_LR_SCALE = 0.1
 FINETUNED_SUFFIX = "_finetuned"
 
 
+# A loaded global's background work: (its reference, its hash check, the cache record).
+_GlobalCheck = tuple[ArtifactRef, "Future[bool] | None", "Future[None] | None"]
+
+
 class SiteService:
     def __init__(
         self,
@@ -69,10 +73,11 @@ class SiteService:
         self._deferred: list[Callable[[], None]] = []
         self._deferred_pool = low_priority_pool("site-deferred")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="global-read")
-        # The global last read from S3, not hashed yet (done while training), then the
-        # check in flight: nothing trained from it leaves before the check passes.
-        self._unverified: tuple[ArtifactRef, bytearray] | None = None
-        self._global_check: tuple[ArtifactRef, Future[bool]] | None = None
+        # The global last loaded (experiment, reference, bytes, verified yet), then the
+        # background work it sets off once training runs: its hash (nothing trained from
+        # it leaves before that passes) and the cache's record of it.
+        self._loaded: tuple[str, ArtifactRef, bytearray, bool] | None = None
+        self._global_check: _GlobalCheck | None = None
         self.backend = backend or load_backend(settings)
         self.policy = load_policy(settings.site_policy)
         if self.policy.max_upload_bytes is not None:
@@ -265,30 +270,37 @@ class SiteService:
         if ref != task.global_weights:
             return decode_weights(self.store.get_bytes(ref))
         data, verified = prefetched.result() if prefetched is not None else self._read_global(ref)
-        self._unverified = None if verified else (ref, data)
+        self._loaded = (task.experiment_id, ref, data, verified)
         self._global_check = None
-        self._remember_cached_global(task.experiment_id, ref)
         return decode_weights(data)
 
     def _verify_global_later(self) -> None:
-        """Hash the global just loaded on a low-priority thread (verified, it is copied
-        to the cache). Called once training runs: the other sites may still be
-        downloading the same global, and this site's training need not wait for it."""
-        if self._unverified is not None:
-            ref, data = self._unverified
-            self._unverified = None
-            cached = self.store.cache_dir is not None
-            self._global_check = (ref, self.store.verify_later(ref, data, cache=cached))
+        """On low-priority threads: hash the global just loaded (verified, it is copied
+        to the cache) and make it the experiment's cached global (the previous one is
+        deleted). Called once training runs: the other sites may still be downloading
+        the same global, and this site's training need not wait for either."""
+        if self._loaded is None:
+            return
+        experiment_id, ref, data, verified = self._loaded
+        self._loaded = None
+        cached = self.store.cache_dir is not None
+        check = None if verified else self.store.verify_later(ref, data, cache=cached)
+        recorded = None
+        if cached:
+            recorded = self._deferred_pool.submit(self._remember_cached_global, experiment_id, ref)
+        self._global_check = (ref, check, recorded)
 
     def _confirm_global(self, task: SiteTask) -> None:
         """Raise unless the global this task loaded is the one the coordinator published.
         The session holds weights trained from the wrong bytes then: it is dropped, and
         the next attempt resumes from this site's last checkpoint."""
-        check, self._global_check = self._global_check, None
-        if check is None:
+        pending, self._global_check = self._global_check, None
+        if pending is None:
             return
-        ref, verified = check
-        if not verified.result():
+        ref, check, recorded = pending
+        if recorded is not None:
+            recorded.result()
+        if check is not None and not check.result():
             session = self._sessions.pop(task.experiment_id, None)
             if session is not None:
                 session.close()
