@@ -679,7 +679,8 @@ def run(
         "checkpoint, report record and copy of the global are written after its report), "
         "the coordinator's download and verification, screening and folding (as each "
         "report arrives, in memory), finalisation, encoding + sha256 and upload of the "
-        "global, and the next round's download + sha256 + load at each site",
+        "global, and the next round's download + load at each site (its sha256 runs while "
+        "the site trains; nothing trained from the global leaves before it matches)",
         "S3 floor: the same objects moved with the stock minio client's put_object and "
         "get_object and nothing else, stage after stage as in a round. The stock "
         "put_object hashes each body again for its request signature (sha256 over http); "
