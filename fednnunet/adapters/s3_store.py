@@ -354,7 +354,7 @@ class ArtifactStore:
         ref = ArtifactRef(bucket=bucket, key=key, sha256=sha, size=len(data))
         self._log_egress(ref, kind)
         if cache:
-            self.seed_cache_later(ref, data)
+            self._seed_cache_later(ref, data)
         return ref
 
     def _conditional_put(self, data: bytes | bytearray) -> bool:
@@ -432,7 +432,7 @@ class ArtifactStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def seed_cache_later(self, ref: ArtifactRef, data: bytes | bytearray) -> None:
+    def _seed_cache_later(self, ref: ArtifactRef, data: bytes | bytearray) -> None:
         """Seed the cache with ``data`` (verified bytes of ``ref``) from a background
         thread: the write (67 ms for the 2d global on this disk) is off the round's
         critical path; a reader of ``ref`` waits for it."""
@@ -529,7 +529,7 @@ class ArtifactStore:
         data, sha = self._retry(f"get {ref.bucket}/{ref.key}", lambda: self._read_capped(ref))
         self._verify(ref, len(data), sha)
         if cache:
-            self.seed_cache_later(ref, data)
+            self._seed_cache_later(ref, data)
         return data
 
     def get_cached(self, ref: ArtifactRef) -> bytearray | None:

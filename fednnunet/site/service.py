@@ -247,7 +247,7 @@ class SiteService:
         """The task's global and whether it is verified yet: the verified copy in the
         cache (a redelivered task, a restarted worker: one per experiment), else the
         bytes from S3, hashed later by :meth:`_verify_global_later`."""
-        if self.store.cache_dir is not None and (data := self.store.get_cached(ref)) is not None:
+        if (data := self.store.get_cached(ref)) is not None:  # None without a cache
             return data, True
         return self.store.read_unverified(ref), False
 

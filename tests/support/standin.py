@@ -23,6 +23,7 @@ import torch
 
 from fednnunet.adapters.s3_store import sha256_bytes
 from fednnunet.adapters.weights_codec import load_weights_file, save_weights_file
+from fednnunet.core.tensors import split_aliases
 from fednnunet.messages import ExperimentOptions
 from fednnunet.nnunet.backend import NnunetBackend, Planned
 from fednnunet.settings import Settings
@@ -157,11 +158,11 @@ class StandInSession:
 
     def _alias_groups(self) -> list[list[str]]:
         """The state's names grouped by the storage they view (nnU-Net's state dict
-        lists encoder weights under several names)."""
-        groups: dict[tuple, list[str]] = {}
-        for name, t in self._state.items():
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
-            groups.setdefault(key, []).append(name)
+        lists encoder weights under several names), canonical name first."""
+        unique, aliases = split_aliases(self._state)
+        groups = {name: [name] for name in unique}
+        for alias, canonical in aliases.items():
+            groups[canonical].append(alias)
         return list(groups.values())
 
     def train_epochs(
@@ -205,14 +206,9 @@ class StandInSession:
         """A deterministic score of the current weights (no data): 1 / (1 + |mean weight|)."""
         # One mean per storage, summed over every name as before (same value, a third
         # of the work on nnU-Net's aliased state dict).
-        means: dict[tuple, torch.Tensor] = {}
-        floats = []
-        for t in self._state.values():
-            if t.is_floating_point():
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride())
-                if key not in means:
-                    means[key] = t.float().mean().abs()
-                floats.append(means[key])
+        unique, aliases = split_aliases(self._state)
+        means = {n: t.float().mean().abs() for n, t in unique.items() if t.is_floating_point()}
+        floats = [means[aliases.get(n, n)] for n, t in self._state.items() if t.is_floating_point()]
         score = 1.0 / (1.0 + float(sum(floats)))
         return {"pseudo_dice": score, "pseudo_dice_1": score}
 
