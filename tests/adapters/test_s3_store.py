@@ -151,3 +151,48 @@ def test_a_body_this_process_hashed_is_not_hashed_again_by_the_client(
     # Control: the stock upload path does hash it (so the count above can fail).
     store.client.put_object("fedtest-store", f"{unique_id('k')}/c.bin", io.BytesIO(data), len(data))
     assert max(hashed) == len(data)
+
+
+def test_a_body_of_many_spans_reads_and_hashes_the_same_on_every_path(store, unique_id):
+    """Bodies are read in 4 MiB spans straight from the HTTP response and hashed by a
+    second thread: several spans plus a tail give the bytes and the sha256 of one pass,
+    and a body longer than its claim is refused."""
+    import hashlib
+    import os
+
+    from fednnunet.adapters import s3_store
+
+    body = os.urandom(2 * s3_store._READ_CHUNK + 12345)
+    key = f"{unique_id('k')}/big.bin"
+    ref = store.put_bytes("fedtest-store", key, body)
+    assert ref.sha256 == hashlib.sha256(body).hexdigest()  # independent of the store
+    assert store.get_checked(ref, max_bytes=len(body)) == body
+    assert store.read_unverified(ref) == body
+    assert store.get_bytes(ref) == body
+    longer = ref.model_copy(update={"size": len(body) - 1})
+    with pytest.raises(IntegrityError):
+        store.read_unverified(longer)
+    with pytest.raises(IntegrityError):
+        store.get_bytes(longer)
+
+
+def test_the_body_is_read_from_the_response_under_urllib3(store, unique_id):
+    """The one reach into urllib3: a plain body is read from the HTTP response it wraps
+    (this fails when urllib3 changes how it holds it); anything else uses its readinto."""
+    from fednnunet.adapters.s3_store import _raw_readinto, _read_body
+
+    key = f"{unique_id('k')}/raw.bin"
+    ref = store.put_bytes("fedtest-store", key, b"r" * 1000)
+    resp = store.client.get_object(ref.bucket, ref.key)
+    try:
+        assert _raw_readinto(resp) == resp._fp.readinto
+        assert _read_body(resp, ref.size) == (bytearray(b"r" * 1000), ref.sha256)
+    finally:
+        resp.close()
+        resp.release_conn()
+
+    class Encoded(io.BytesIO):  # a body urllib3 would decode: read through its readinto
+        headers = {"Content-Encoding": "gzip"}
+        _fp = io.BytesIO(b"raw bytes must not be read")
+
+    assert _read_body(Encoded(b"decoded"), 7, hashed=False) == (bytearray(b"decoded"), "")
