@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import queue
 import shutil
 import ssl
 import tempfile
@@ -28,7 +27,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from fednnunet.adapters.buffers import uninitialized_bytearray
+from fednnunet.adapters.buffers import SpanHasher, uninitialized_bytearray
 from fednnunet.background import low_priority_pool
 from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.messages import ArtifactRef
@@ -133,7 +132,7 @@ def _read_body(resp: Any, claimed: int, hashed: bool = True) -> tuple[bytearray,
     view = memoryview(buffer)
     readinto = _raw_readinto(resp)
     size = 0
-    hasher = _SpanHasher() if hashed else None
+    hasher = SpanHasher("read-sha256") if hashed else None
     try:
         while size <= claimed:
             n = readinto(view[size : size + _READ_CHUNK])
@@ -153,6 +152,11 @@ def _read_body(resp: Any, claimed: int, hashed: bool = True) -> tuple[bytearray,
 _READ_CHUNK = 4 << 20
 
 
+def _is_bytes_of(ref: ArtifactRef, data: bytes | bytearray) -> bool:
+    """Whether ``data`` is the object ``ref`` names (its size, then its sha256)."""
+    return len(data) == ref.size and sha256_bytes(data) == ref.sha256
+
+
 def _raw_readinto(resp: Any) -> Callable[[memoryview], int]:
     """Where the body's bytes can be read straight into the buffer: the HTTP response
     under urllib3's (one copy from the socket, where urllib3's own ``readinto`` reads a
@@ -164,30 +168,6 @@ def _raw_readinto(resp: Any) -> Callable[[memoryview], int]:
     if plain and callable(getattr(raw, "readinto", None)) and pending is not None and not pending:
         return raw.readinto
     return resp.readinto
-
-
-class _SpanHasher:
-    """sha256 of spans handed to it in order, computed by its own thread (hashlib drops
-    the GIL on large spans): the read of the next span overlaps the hash of this one."""
-
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._spans: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="read-sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (span := self._spans.get()) is not None:
-            self._digest.update(span)
-            span.release()
-
-    def add(self, span: memoryview) -> None:
-        self._spans.put(span)
-
-    def finish(self) -> str:
-        self._spans.put(None)
-        self._thread.join()
-        return self._digest.hexdigest()
 
 
 class PayloadHashMinio(Minio):
@@ -591,7 +571,7 @@ class ArtifactStore:
             return None
         # Checked again: the cached bytes were shared with their tensors while the
         # background write ran (only redelivered tasks read this copy).
-        if size == len(data) == ref.size and sha256_bytes(data) == ref.sha256:  # all read
+        if size == len(data) and _is_bytes_of(ref, data):  # all read
             return data
         log.warning("cached copy of %s failed verification; downloading again", ref.key)
         cached.unlink(missing_ok=True)
@@ -618,7 +598,7 @@ class ArtifactStore:
         (a reader of that copy waits for it)."""
 
         def check() -> bool:
-            verified = len(data) == ref.size and sha256_bytes(data) == ref.sha256
+            verified = _is_bytes_of(ref, data)
             if verified and cache:
                 self._seed_cache(ref, lambda tmp: tmp.write_bytes(data))
             return verified
@@ -631,8 +611,8 @@ class ArtifactStore:
         return future
 
     def _read_capped(self, ref: ArtifactRef, hashed: bool = True) -> tuple[bytearray, str]:
-        """The object read into one buffer and hashed per chunk (unless not ``hashed``); at
-        most ``ref.size`` + 1 bytes are read (a larger object is refused, rest unread)."""
+        """The object read into one buffer (and hashed as it fills, unless not ``hashed``);
+        at most ``ref.size`` + 1 bytes are read (a larger object is refused, rest unread)."""
         resp = self.client.get_object(ref.bucket, ref.key)
         try:
             return _read_body(resp, ref.size, hashed)

@@ -12,11 +12,8 @@ in the buffer without a copy. Files written here are read by ``safetensors`` its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import queue
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fednnunet.adapters.buffers import uninitialized_bytearray
+from fednnunet.adapters.buffers import SpanHasher, uninitialized_bytearray
 from fednnunet.core.tensors import join_aliases, split_aliases
 from fednnunet.errors import FedError
 
@@ -78,21 +75,12 @@ def encode_weights_sha256(
 ) -> tuple[bytearray, str]:
     """:func:`encode_weights` and the sha256 of its bytes, hashed by a second thread as
     the buffer fills (for the 125 MB 3d_fullres model: 70 ms instead of 66 + 61 ms)."""
-    spans: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-    digest = hashlib.sha256()
-
-    def hash_spans() -> None:
-        while (span := spans.get()) is not None:
-            digest.update(span)
-
-    hasher = threading.Thread(target=hash_spans, name="encode-sha256", daemon=True)
-    hasher.start()
+    hasher = SpanHasher("encode-sha256")
     try:
-        data = _encode(state, metadata, lambda buf, b, e: spans.put(memoryview(buf)[b:e]))
+        data = _encode(state, metadata, lambda buf, b, e: hasher.add(memoryview(buf)[b:e]))
     finally:
-        spans.put(None)
-        hasher.join()
-    return data, digest.hexdigest()
+        digest = hasher.finish()
+    return data, digest
 
 
 # Spans handed to the hasher while encoding: large enough to keep its GIL-free runs long.
