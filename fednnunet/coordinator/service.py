@@ -375,9 +375,11 @@ class Coordinator:
 
     # ------------------------------------------------------------ the loop
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
-        """Apply every decision due now, then save (and journal) once for the whole pass."""
+        """Apply every decision due now, then save once for the whole pass; journal it
+        when it moved the phase or the round (:meth:`_journal_due`)."""
         closed_before = state.rounds_closed
         seq_at_load = state.seq
+        step_at_load = (state.phase, state.round)
         try:
             for _ in range(8 + 4 * state.options.rounds):  # bounded: each pass moves a step
                 now = self.clock()
@@ -412,14 +414,28 @@ class Coordinator:
             self._save(state, state.seq != seq_at_load, fence, closed_before)
             raise
         changed = state.seq != seq_at_load
-        self._save(state, journal=changed, fence=fence, closed_before=closed_before)
+        journal = changed and self._journal_due(state, step_at_load)
+        self._save(state, journal=journal, fence=fence, closed_before=closed_before)
         if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
             with self._folds_lock:
                 self._folds.pop(state.experiment_id, None)
                 self._published.pop(state.experiment_id, None)
-        if changed:
+        if state.rounds_closed > closed_before or (changed and state.phase in sm.TERMINAL):
             self._maybe_plot(state, self.clock())
         return state
+
+    @staticmethod
+    def _journal_due(state: sm.ExperimentState, step_at_load: tuple[Phase, int]) -> bool:
+        """Synchronous rounds are journaled at their transitions only, not per report:
+        a state restored from an older snapshot asks the unfinished sites again, and each
+        answers from the update it already stored (two S3 writes fewer per round, while
+        the sites upload). An async buffer holds updates no site sends again: every
+        change is journaled."""
+        return (
+            state.options.mode == "async"
+            or (state.phase, state.round) != step_at_load
+            or state.phase in sm.TERMINAL
+        )
 
     def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
         progress = self.redis.progress(state.experiment_id)
@@ -598,33 +614,40 @@ class Coordinator:
     ) -> AggregationResult:
         """Aggregate the round, or reuse the global object another coordinator wrote.
 
-        The global object of a round is write-once: whoever writes it first defines the
-        round, so the round is aggregated exactly once even with two coordinators.
+        The global object of a round is write-once (a conditional PUT): whoever writes it
+        first defines the round, so the round is aggregated exactly once even with two
+        coordinators. No stat first (it sat on the round's critical path): only after a
+        coordinator died between its PUT and its state save is the object there, and then
+        this write fails over to the stored one.
         """
-        existing = self.store.stat(self.global_bucket, key)
-        if existing is None:
-            try:
-                return aggregate_round(
-                    self.store,
-                    reports,
-                    self.global_bucket,
-                    key,
-                    state.global_weights,
-                    cases=state.declared_cases,
-                    max_site_weight=state.options.max_site_weight,
-                    exact_architecture=state.options.strategy.exact_architecture,
-                    aggregation=state.options.aggregation,
-                    min_participants=min(state.quorum, len(reports)) or 1,
-                    # Round 1's previous global may be a pretrained model of another
-                    # task (another head): the sites' architecture decides, not it.
-                    previous_defines_model=state.round > 1,
-                    fold=self._round_fold(state),
-                    previous_encoded=self._kept_global(state.experiment_id, state.global_weights),
-                )
-            except IntegrityError:
-                existing = self.store.stat(self.global_bucket, key)
-                if existing is None:
-                    raise
+        try:
+            result = aggregate_round(
+                self.store,
+                reports,
+                self.global_bucket,
+                key,
+                state.global_weights,
+                cases=state.declared_cases,
+                max_site_weight=state.options.max_site_weight,
+                exact_architecture=state.options.strategy.exact_architecture,
+                aggregation=state.options.aggregation,
+                min_participants=min(state.quorum, len(reports)) or 1,
+                # Round 1's previous global may be a pretrained model of another
+                # task (another head): the sites' architecture decides, not it.
+                previous_defines_model=state.round > 1,
+                fold=self._round_fold(state),
+                previous_encoded=self._kept_global(state.experiment_id, state.global_weights),
+            )
+            if result.global_weights is not None:
+                return result
+        except IntegrityError:  # the round's global is stored already
+            existing = self.store.stat(self.global_bucket, key)
+            if existing is None:
+                raise
+        else:  # too few acceptable updates now, yet a global stored by one that died
+            existing = self.store.stat(self.global_bucket, key)
+            if existing is None:
+                return result
         _, _, meta = read_file_header(self.store.get_file(existing))
         participants = [p for p in meta.get("participants", "").split(",") if p]
         participants = participants or [r.site_id for r in reports]
@@ -658,6 +681,9 @@ class Coordinator:
         self._put_once_json(self.private_bucket, key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
+        """Called by the pass that closed a round (or ended the experiment): the picture
+        is drawn while the sites train, never while a round's reports are being handled
+        (the niced thread would hold the GIL that the report threads need)."""
         if not self.render_plots or not state.rounds_closed:
             return
         terminal = state.phase in sm.TERMINAL

@@ -215,3 +215,121 @@ def test_the_next_rounds_reference_is_the_kept_global_neither_read_nor_hashed_ag
     fetched = RoundFold(store, ref, exact=True)  # nothing kept: read from S3, verified
     assert len(reads) == 1
     assert kept.names == fetched.names and kept.reference_norm == fetched.reference_norm
+
+
+def test_a_global_stored_by_a_coordinator_that_died_is_the_round_and_no_stat_precedes_a_put(
+    s3, unique_id, tmp_path, monkeypatch
+):
+    """The round's global is written once with a conditional PUT, with no stat before it
+    (one request fewer on the round's critical path). A coordinator that died between its
+    PUT and its state save left a global of other bytes (here: sites a and b only): the
+    next coordinator's write is refused and it adopts the stored object and its
+    participants, never overwriting it."""
+    from fednnunet.adapters.weights_codec import encode_weights_sha256
+    from fednnunet.keys import global_weights_key
+
+    settings, store = s3
+    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    bucket = global_bucket(settings.bucket_prefix)
+    updates = _updates_abc()
+
+    def round2(exp: str) -> tuple[Coordinator, list[SiteReport]]:
+        return _round2_with_updates(settings, redis, tmp_path, exp, updates)
+
+    # The normal round: nothing asks S3 about the round's global before writing it.
+    exp = unique_id("fold-nostat-")
+    coordinator, reports = round2(exp)
+    asked: list[str] = []
+    real_stat = coordinator.store.stat
+
+    def stat(bucket_: str, key: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        asked.append(key)
+        return real_stat(bucket_, key, *args, **kwargs)
+
+    monkeypatch.setattr(coordinator.store, "stat", stat)
+    for report in reports:
+        coordinator.on_report(report)
+    state = redis.load(exp)
+    assert state.rounds_closed == 2 and state.last_round.participants == list("abc")
+    assert global_weights_key(exp, 2) not in asked
+
+    # A dead coordinator's global (a and b only) is there before the last report.
+    exp = unique_id("fold-dead-")
+    coordinator, reports = round2(exp)
+    total = CASES["a"] + CASES["b"]
+    partial = {
+        n: (updates["a"][n] * CASES["a"] + updates["b"][n] * CASES["b"]) / total
+        for n in ("conv.weight", "conv.bias")
+    } | {"steps": updates["a"]["steps"]}
+    data, sha = encode_weights_sha256(partial, {"participants": "a,b", "aggregation": "fedavg"})
+    stored = store.put_bytes(bucket, global_weights_key(exp, 2), data, sha256=sha)
+    for report in reports:
+        coordinator.on_report(report)
+    state = redis.load(exp)
+    assert state.rounds_closed == 2, (state.phase, state.error)
+    assert state.global_weights == stored  # adopted, not rewritten
+    assert store.get_bytes(stored) == data
+    assert state.last_round.participants == ["a", "b"]
+    for key in redis.r.scan_iter(f"{redis.ns}:*"):
+        redis.r.delete(key)
+
+
+def _updates_abc() -> dict[str, dict[str, torch.Tensor]]:
+    return {s: _update(i + 1) for i, s in enumerate("abc")}
+
+
+def _round2_with_updates(
+    settings, redis: RedisState, store_dir, exp: str, updates: dict
+) -> tuple[Coordinator, list[SiteReport]]:
+    """A coordinator with ``exp`` in round 2, and the sites' uploaded updates' reports."""
+    bucket = global_bucket(settings.bucket_prefix)
+    cstore = ArtifactStore(settings, cache_dir=store_dir / exp, retry_total_s=5)
+    coordinator = Coordinator(settings, redis, cstore, send_task=lambda t: None,
+                              render_plots=False)  # fmt: skip
+    g1 = cstore.put_bytes(bucket, f"{exp}/train/r00001/global/weights.safetensors",
+                          encode_weights(_update(0, 10.0)))  # fmt: skip
+    assert redis.create(_round2_state(exp, g1))
+    reports = []
+    for site, tensors in updates.items():
+        key = site_artifact_key(exp, "train", 2, site)
+        ref = cstore.put_bytes(site_bucket(settings.bucket_prefix, site), key,
+                               encode_weights(tensors))  # fmt: skip
+        reports.append(_report(exp, site, 2, ref))
+    return coordinator, reports
+
+
+def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, unique_id, tmp_path):
+    """Reports within a synchronous round write no snapshot (a state restored from the
+    round's opening snapshot asks the sites again; each answers from its stored update);
+    the pass that closes the round and dispatches the next writes one."""
+    from fednnunet.keys import JOURNAL, coordinator_bucket
+
+    settings, store = s3
+    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+    store.ensure_bucket(coordinator_bucket(settings.bucket_prefix))
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    exp = unique_id("fold-journal-")
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp, _updates_abc())
+    bucket = coordinator.private_bucket
+
+    def snapshots() -> list[str]:
+        return store.list_keys(bucket, f"{exp}/{JOURNAL}/")
+
+    counts = []
+    for report in reports:
+        coordinator.on_report(report)
+        counts.append(len(snapshots()))
+    assert counts == [0, 0, 1]
+    state = redis.load(exp)
+    assert (state.round, state.rounds_closed) == (3, 2)
+    (key,) = snapshots()
+    journaled = sm.ExperimentState.model_validate(store.get_json(store.stat(bucket, key)))
+    assert journaled.round == 3 and journaled.rounds_closed == 2
+    for key in redis.r.scan_iter(f"{redis.ns}:*"):
+        redis.r.delete(key)
+    from minio.deleteobjects import DeleteObject
+
+    keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
+    list(store.client.remove_objects(bucket, keys))
+    store.client.remove_bucket(bucket)
