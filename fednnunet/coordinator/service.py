@@ -375,11 +375,9 @@ class Coordinator:
 
     # ------------------------------------------------------------ the loop
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
-        """Apply every decision due now, then save once for the whole pass; journal it
-        when it moved the phase or the round (:meth:`_journal_due`)."""
+        """Apply every decision due now, then save (and journal) once for the whole pass."""
         closed_before = state.rounds_closed
         seq_at_load = state.seq
-        step_at_load = (state.phase, state.round)
         try:
             for _ in range(8 + 4 * state.options.rounds):  # bounded: each pass moves a step
                 now = self.clock()
@@ -414,28 +412,14 @@ class Coordinator:
             self._save(state, state.seq != seq_at_load, fence, closed_before)
             raise
         changed = state.seq != seq_at_load
-        journal = changed and self._journal_due(state, step_at_load)
-        self._save(state, journal=journal, fence=fence, closed_before=closed_before)
+        self._save(state, journal=changed, fence=fence, closed_before=closed_before)
         if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
             with self._folds_lock:
                 self._folds.pop(state.experiment_id, None)
                 self._published.pop(state.experiment_id, None)
-        if state.rounds_closed > closed_before or (changed and state.phase in sm.TERMINAL):
+        if changed:
             self._maybe_plot(state, self.clock())
         return state
-
-    @staticmethod
-    def _journal_due(state: sm.ExperimentState, step_at_load: tuple[Phase, int]) -> bool:
-        """Synchronous rounds are journaled at their transitions only, not per report:
-        a state restored from an older snapshot asks the unfinished sites again, and each
-        answers from the update it already stored (two S3 writes fewer per round, while
-        the sites upload). An async buffer holds updates no site sends again: every
-        change is journaled."""
-        return (
-            state.options.mode == "async"
-            or (state.phase, state.round) != step_at_load
-            or state.phase in sm.TERMINAL
-        )
 
     def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
         progress = self.redis.progress(state.experiment_id)
@@ -681,9 +665,6 @@ class Coordinator:
         self._put_once_json(self.private_bucket, key, summary, kind="final_summary")
 
     def _maybe_plot(self, state: sm.ExperimentState, now: float) -> None:
-        """Called by the pass that closed a round (or ended the experiment): the picture
-        is drawn while the sites train, never while a round's reports are being handled
-        (the niced thread would hold the GIL that the report threads need)."""
         if not self.render_plots or not state.rounds_closed:
             return
         terminal = state.phase in sm.TERMINAL

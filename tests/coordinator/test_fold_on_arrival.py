@@ -300,9 +300,10 @@ def _round2_with_updates(
 
 
 def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, unique_id, tmp_path):
-    """Reports within a synchronous round write no snapshot (a state restored from the
-    round's opening snapshot asks the sites again; each answers from its stored update);
-    the pass that closes the round and dispatches the next writes one."""
+    """A report that moves nothing (no phase, no round, no give-up) writes no snapshot:
+    a state restored from the round's opening snapshot asks the sites again and each
+    answers from its stored update. The pass that closes the round and dispatches the
+    next writes one (the journal stays off the upload window)."""
     from fednnunet.keys import JOURNAL, coordinator_bucket
 
     settings, store = s3
@@ -333,3 +334,28 @@ def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, unique_id, 
     keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
     list(store.client.remove_objects(bucket, keys))
     store.client.remove_bucket(bucket)
+
+
+def test_the_progress_picture_is_drawn_by_the_pass_that_closes_a_round(
+    s3, unique_id, tmp_path, monkeypatch
+):
+    """Even with no interval between pictures, a report that moves nothing draws none
+    (the drawing thread would hold the GIL the report threads need mid-upload); the pass
+    that closed the round, while the sites train, draws one."""
+    settings, store = s3
+    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    exp = unique_id("fold-plot-")
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp, _updates_abc())
+    coordinator.render_plots, coordinator.plot_every_s = True, 0.0
+    drawn: list[int] = []
+    monkeypatch.setattr(
+        coordinator._plots, "submit", lambda fn, state: drawn.append(state.rounds_closed)
+    )
+    counts = []
+    for report in reports:
+        coordinator.on_report(report)
+        counts.append(len(drawn))
+    assert counts == [0, 0, 1] and drawn == [2]
+    for key in redis.r.scan_iter(f"{redis.ns}:*"):
+        redis.r.delete(key)
