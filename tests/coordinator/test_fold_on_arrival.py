@@ -17,7 +17,7 @@ from fednnunet.adapters.weights_codec import decode_weights, encode_weights, rea
 from fednnunet.coordinator.aggregator import RoundFold, aggregate_round
 from fednnunet.coordinator.service import Coordinator
 from fednnunet.core import state_machine as sm
-from fednnunet.keys import global_bucket, site_artifact_key, site_bucket
+from fednnunet.keys import coordinator_bucket, global_bucket, site_artifact_key, site_bucket
 from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport
 
 pytestmark = pytest.mark.integration
@@ -62,9 +62,8 @@ def _report(exp: str, site: str, round_: int, ref: ArtifactRef) -> SiteReport:
 def s3(stack, unique_id, tmp_path):
     settings = stack.model_copy(update={"bucket_prefix": unique_id("fedtest-fold")})
     store = ArtifactStore(settings, cache_dir=tmp_path / "cache", retry_total_s=5)
-    buckets = [global_bucket(settings.bucket_prefix)] + [
-        site_bucket(settings.bucket_prefix, s) for s in SITES
-    ]
+    buckets = [global_bucket(settings.bucket_prefix), coordinator_bucket(settings.bucket_prefix)]
+    buckets += [site_bucket(settings.bucket_prefix, s) for s in SITES]
     for bucket in buckets:
         store.ensure_bucket(bucket)
     yield settings, store
@@ -74,6 +73,18 @@ def s3(stack, unique_id, tmp_path):
         keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
         list(store.client.remove_objects(bucket, keys))
         store.client.remove_bucket(bucket)
+
+
+@pytest.fixture
+def fold_ns(s3, unique_id):
+    """The s3 fixture's settings with a Redis namespace of their own, and its Redis;
+    the namespace's keys are dropped afterwards."""
+    settings, _ = s3
+    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    yield settings, redis
+    for key in redis.r.scan_iter(f"{redis.ns}:*"):
+        redis.r.delete(key)
 
 
 def test_fold_on_arrival_equals_the_case_weighted_mean_and_drops_a_late_outlier(s3):
@@ -140,28 +151,13 @@ def _run_round(settings, store_dir, exp: str, crash_after: int | None) -> Artifa
     """Round 2 of ``exp``: reports a, b, c arrive; with ``crash_after`` the coordinator
     that took the first reports is dropped (killed) and a new one takes the rest."""
     redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
-
-    def coordinator(name: str) -> Coordinator:
-        store = ArtifactStore(settings, cache_dir=store_dir / name, retry_total_s=5)
-        return Coordinator(settings, redis, store, send_task=lambda task: None, render_plots=False)
-
-    first = coordinator(f"{exp}-1")
-    store = first.store
-    bucket = global_bucket(settings.bucket_prefix)
-    g1 = store.put_bytes(bucket, f"{exp}/train/r00001/global/weights.safetensors",
-                         encode_weights(_update(0, 10.0)))  # fmt: skip
-    assert redis.create(_round2_state(exp, g1))
-    reports = []
-    for i, site in enumerate(SITES[:3]):
-        key = site_artifact_key(exp, "train", 2, site)
-        ref = store.put_bytes(site_bucket(settings.bucket_prefix, site), key,
-                              encode_weights(_update(i + 1)))  # fmt: skip
-        reports.append(_report(exp, site, 2, ref))
+    first, reports = _round2_with_updates(settings, redis, store_dir, exp)
     active = first
     for i, report in enumerate(reports):
         if crash_after is not None and i == crash_after:
             assert first._folds[exp].folded_sites == [r.site_id for r in reports[:i]]
-            active = coordinator(f"{exp}-2")  # a new process: no fold, empty cache
+            # A new process: no fold, empty cache.
+            active = _coordinator(settings, redis, store_dir / f"{exp}-2")
         elif i == len(reports) - 1:
             # Before the last report the others are folded already: only the last
             # update, finalisation and the global PUT remain.
@@ -173,19 +169,18 @@ def _run_round(settings, store_dir, exp: str, crash_after: int | None) -> Artifa
     return state.global_weights
 
 
-def test_a_coordinator_killed_mid_round_is_replaced_with_the_same_global(s3, unique_id, tmp_path):
-    settings, store = s3
-    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
+def test_a_coordinator_killed_mid_round_is_replaced_with_the_same_global(
+    s3, fold_ns, unique_id, tmp_path
+):
+    _, store = s3
+    settings, _ = fold_ns
     whole = _run_round(settings, tmp_path, unique_id("fold-whole-"), crash_after=None)
     crashed = _run_round(settings, tmp_path, unique_id("fold-crash-"), crash_after=2)
     _assert_same_global(store, crashed, whole)  # bit for bit the same global
     merged = decode_weights(store.get_bytes(crashed))
-    expected = _independent_mean({s: _update(i + 1) for i, s in enumerate("abc")}, CASES)
+    expected = _independent_mean(_updates_abc(), CASES)
     for name, value in expected.items():
         assert torch.allclose(merged[name].double(), value, rtol=1e-6, atol=1e-6), name
-    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
-    for key in redis.r.scan_iter(f"{redis.ns}:*"):
-        redis.r.delete(key)
 
 
 def test_the_next_rounds_reference_is_the_kept_global_neither_read_nor_hashed_again(
@@ -218,7 +213,7 @@ def test_the_next_rounds_reference_is_the_kept_global_neither_read_nor_hashed_ag
 
 
 def test_a_global_stored_by_a_coordinator_that_died_is_the_round_and_no_stat_precedes_a_put(
-    s3, unique_id, tmp_path, monkeypatch
+    s3, fold_ns, unique_id, tmp_path, monkeypatch
 ):
     """The round's global is written once with a conditional PUT, with no stat before it
     (one request fewer on the round's critical path). A coordinator that died between its
@@ -228,18 +223,14 @@ def test_a_global_stored_by_a_coordinator_that_died_is_the_round_and_no_stat_pre
     from fednnunet.adapters.weights_codec import encode_weights_sha256
     from fednnunet.keys import global_weights_key
 
-    settings, store = s3
-    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
-    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    _, store = s3
+    settings, redis = fold_ns
     bucket = global_bucket(settings.bucket_prefix)
     updates = _updates_abc()
 
-    def round2(exp: str) -> tuple[Coordinator, list[SiteReport]]:
-        return _round2_with_updates(settings, redis, tmp_path, exp, updates)
-
     # The normal round: nothing asks S3 about the round's global before writing it.
     exp = unique_id("fold-nostat-")
-    coordinator, reports = round2(exp)
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
     asked: list[str] = []
     real_stat = coordinator.store.stat
 
@@ -256,7 +247,7 @@ def test_a_global_stored_by_a_coordinator_that_died_is_the_round_and_no_stat_pre
 
     # A dead coordinator's global (a and b only) is there before the last report.
     exp = unique_id("fold-dead-")
-    coordinator, reports = round2(exp)
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
     total = CASES["a"] + CASES["b"]
     partial = {
         n: (updates["a"][n] * CASES["a"] + updates["b"][n] * CASES["b"]) / total
@@ -271,27 +262,31 @@ def test_a_global_stored_by_a_coordinator_that_died_is_the_round_and_no_stat_pre
     assert state.global_weights == stored  # adopted, not rewritten
     assert store.get_bytes(stored) == data
     assert state.last_round.participants == ["a", "b"]
-    for key in redis.r.scan_iter(f"{redis.ns}:*"):
-        redis.r.delete(key)
 
 
 def _updates_abc() -> dict[str, dict[str, torch.Tensor]]:
     return {s: _update(i + 1) for i, s in enumerate("abc")}
 
 
+def _coordinator(settings, redis: RedisState, cache_dir) -> Coordinator:
+    """A coordinator process of its own: its own store and cache, nothing dispatched."""
+    store = ArtifactStore(settings, cache_dir=cache_dir, retry_total_s=5)
+    return Coordinator(settings, redis, store, send_task=lambda task: None, render_plots=False)
+
+
 def _round2_with_updates(
-    settings, redis: RedisState, store_dir, exp: str, updates: dict
+    settings, redis: RedisState, store_dir, exp: str
 ) -> tuple[Coordinator, list[SiteReport]]:
-    """A coordinator with ``exp`` in round 2, and the sites' uploaded updates' reports."""
+    """A coordinator with ``exp`` in round 2, and the reports of the updates of
+    :func:`_updates_abc`, uploaded."""
     bucket = global_bucket(settings.bucket_prefix)
-    cstore = ArtifactStore(settings, cache_dir=store_dir / exp, retry_total_s=5)
-    coordinator = Coordinator(settings, redis, cstore, send_task=lambda t: None,
-                              render_plots=False)  # fmt: skip
+    coordinator = _coordinator(settings, redis, store_dir / f"{exp}-1")
+    cstore = coordinator.store
     g1 = cstore.put_bytes(bucket, f"{exp}/train/r00001/global/weights.safetensors",
                           encode_weights(_update(0, 10.0)))  # fmt: skip
     assert redis.create(_round2_state(exp, g1))
     reports = []
-    for site, tensors in updates.items():
+    for site, tensors in _updates_abc().items():
         key = site_artifact_key(exp, "train", 2, site)
         ref = cstore.put_bytes(site_bucket(settings.bucket_prefix, site), key,
                                encode_weights(tensors))  # fmt: skip
@@ -299,19 +294,17 @@ def _round2_with_updates(
     return coordinator, reports
 
 
-def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, unique_id, tmp_path):
+def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, fold_ns, unique_id, tmp_path):
     """A report that moves nothing (no phase, no round, no give-up) writes no snapshot:
     a state restored from the round's opening snapshot asks the sites again and each
     answers from its stored update. The pass that closes the round and dispatches the
     next writes one (the journal stays off the upload window)."""
-    from fednnunet.keys import JOURNAL, coordinator_bucket
+    from fednnunet.keys import JOURNAL
 
-    settings, store = s3
-    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
-    store.ensure_bucket(coordinator_bucket(settings.bucket_prefix))
-    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    _, store = s3
+    settings, redis = fold_ns
     exp = unique_id("fold-journal-")
-    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp, _updates_abc())
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
     bucket = coordinator.private_bucket
 
     def snapshots() -> list[str]:
@@ -327,26 +320,17 @@ def test_a_sync_round_is_journaled_when_it_closes_not_per_report(s3, unique_id, 
     (key,) = snapshots()
     journaled = sm.ExperimentState.model_validate(store.get_json(store.stat(bucket, key)))
     assert journaled.round == 3 and journaled.rounds_closed == 2
-    for key in redis.r.scan_iter(f"{redis.ns}:*"):
-        redis.r.delete(key)
-    from minio.deleteobjects import DeleteObject
-
-    keys = [DeleteObject(k) for k in store.list_keys(bucket, "")]
-    list(store.client.remove_objects(bucket, keys))
-    store.client.remove_bucket(bucket)
 
 
 def test_the_progress_picture_is_drawn_by_the_pass_that_closes_a_round(
-    s3, unique_id, tmp_path, monkeypatch
+    fold_ns, unique_id, tmp_path, monkeypatch
 ):
     """Even with no interval between pictures, a report that moves nothing draws none
     (the drawing thread would hold the GIL the report threads need mid-upload); the pass
     that closed the round, while the sites train, draws one."""
-    settings, store = s3
-    settings = settings.model_copy(update={"redis_namespace": unique_id("fedtest-fold-ns")})
-    redis = RedisState(settings.redis_url, namespace=settings.redis_namespace)
+    settings, redis = fold_ns
     exp = unique_id("fold-plot-")
-    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp, _updates_abc())
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
     coordinator.render_plots, coordinator.plot_every_s = True, 0.0
     drawn: list[int] = []
     monkeypatch.setattr(
@@ -357,5 +341,3 @@ def test_the_progress_picture_is_drawn_by_the_pass_that_closes_a_round(
         coordinator.on_report(report)
         counts.append(len(drawn))
     assert counts == [0, 0, 1] and drawn == [2]
-    for key in redis.r.scan_iter(f"{redis.ns}:*"):
-        redis.r.delete(key)
