@@ -429,7 +429,8 @@ def run_flower(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # one autogroup with the rest: see LocalFederation._spawn
         )
 
     server = spawn("server", "--flower-server", model, str(port), str(rounds), str(out_json))

@@ -139,7 +139,8 @@ def _spawn_coordinator(fed, name: str, stats: Path, env: dict, tick_s: float):  
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        process_group=0,  # one autogroup with the rest: see LocalFederation._spawn
     )
     fed.procs[name] = proc  # checked for life and stopped with the federation
     return proc

@@ -3,7 +3,10 @@
 Linux threads carry their own nice value, so a pool thread niced once stays low while
 the rest of the process (downloads, aggregation, the Celery loop) keeps its priority.
 On a busy machine the scheduler then gives the CPU to the federation's critical path
-first; on an idle one nothing changes.
+first; on an idle one nothing changes. Nice ranks threads within one scheduler
+autogroup (one session, where autogrouping is on): processes sharing a host should
+share a session (``LocalFederation`` does), or each takes an equal share whatever its
+threads' nice values.
 """
 
 from __future__ import annotations

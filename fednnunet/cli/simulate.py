@@ -103,7 +103,13 @@ class LocalFederation:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            # Its own process group (stopped as one, no terminal Ctrl-C) but not its own
+            # session: Linux's autogroup gives each session an equal CPU share whatever
+            # its nice values, so in separate sessions every niced background thread of
+            # a site (cache writes, late hashing) or of the coordinator (pictures, the
+            # next fold) would compete at full weight with the other sites' critical work.
+            process_group=0,
         )
         self.procs[name] = proc
         return proc

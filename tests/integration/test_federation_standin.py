@@ -6,6 +6,8 @@ production; only the nnU-Net compute is replaced (it has its own end-to-end test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -42,6 +44,12 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
     }
     with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
         submit(stack, spec)
+        # Each process is stopped as a group, yet shares this session: in a session of
+        # its own (a scheduler autogroup) its niced background threads would take a
+        # full share of the CPU from the other simulated sites.
+        for proc in fed.procs.values():
+            assert os.getpgid(proc.pid) == proc.pid
+            assert os.getsid(proc.pid) == os.getsid(0)
         state = wait_for(stack, spec.experiment_id, 120, on_update=lambda *_: fed.check_alive())
     assert state.phase == "done", state.error
     assert [r.round for r in state.history] == [1, 2, 3]
