@@ -421,6 +421,8 @@ def run_flower(
     logs = workdir / "flower-logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    from fednnunet.cli.simulate import own_process_group
+
     def spawn(name: str, *args: str) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         return subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
@@ -430,7 +432,7 @@ def run_flower(
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            process_group=0,  # one autogroup with the rest: see LocalFederation._spawn
+            **own_process_group(),  # one autogroup with the rest of the federation
         )
 
     server = spawn("server", "--flower-server", model, str(port), str(rounds), str(out_json))

@@ -132,6 +132,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def _spawn_coordinator(fed, name: str, stats: Path, env: dict, tick_s: float):  # noqa: ANN001
+    from fednnunet.cli.simulate import own_process_group
+
     log = open(fed.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
         [sys.executable, "-m", "bench.b7_long_run", "--coordinator", str(stats), str(tick_s)],
@@ -140,7 +142,7 @@ def _spawn_coordinator(fed, name: str, stats: Path, env: dict, tick_s: float):  
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        process_group=0,  # one autogroup with the rest: see LocalFederation._spawn
+        **own_process_group(),  # one autogroup with the rest of the federation
     )
     fed.procs[name] = proc  # checked for life and stopped with the federation
     return proc

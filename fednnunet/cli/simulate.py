@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fednnunet.adapters.broker import START_TASK, declare_topology, send_control
 from fednnunet.adapters.redis_state import RedisState
@@ -69,6 +70,17 @@ def wait_for(
         time.sleep(poll_s)
 
 
+def own_process_group() -> dict[str, Any]:
+    """``Popen`` arguments for a child in a process group of its own (stopped as one, no
+    terminal Ctrl-C) but in the caller's session: Linux's autogroups give each session an
+    equal CPU share whatever its nice values, so in separate sessions every niced
+    background thread of a site (cache writes, late hashing) or of the coordinator
+    (pictures, the next fold) would compete at full weight with the other sites' work."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": 0}
+    return {"preexec_fn": os.setpgrp}  # noqa: PLW1509 - Python 3.10 has no process_group
+
+
 class LocalFederation:
     """Context manager running the coordinator and site workers on this machine."""
 
@@ -104,12 +116,7 @@ class LocalFederation:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            # Its own process group (stopped as one, no terminal Ctrl-C) but not its own
-            # session: Linux's autogroup gives each session an equal CPU share whatever
-            # its nice values, so in separate sessions every niced background thread of
-            # a site (cache writes, late hashing) or of the coordinator (pictures, the
-            # next fold) would compete at full weight with the other sites' critical work.
-            process_group=0,
+            **own_process_group(),
         )
         self.procs[name] = proc
         return proc
