@@ -421,7 +421,7 @@ def run_flower(
     logs = workdir / "flower-logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    from fednnunet.cli.simulate import own_process_group
+    from fednnunet.cli.simulate import background_child_args
 
     def spawn(name: str, *args: str) -> subprocess.Popen:
         log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
@@ -431,8 +431,7 @@ def run_flower(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            **own_process_group(),  # one autogroup with the rest of the federation
+            **background_child_args(),  # one autogroup with the rest of the federation
         )
 
     server = spawn("server", "--flower-server", model, str(port), str(rounds), str(out_json))

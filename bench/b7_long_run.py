@@ -132,7 +132,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _spawn_coordinator(fed, name: str, stats: Path, env: dict, tick_s: float):  # noqa: ANN001
-    from fednnunet.cli.simulate import own_process_group
+    from fednnunet.cli.simulate import background_child_args
 
     log = open(fed.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(  # noqa: S603 - own interpreter, argv list, no shell
@@ -141,8 +141,7 @@ def _spawn_coordinator(fed, name: str, stats: Path, env: dict, tick_s: float):  
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        **own_process_group(),  # one autogroup with the rest of the federation
+        **background_child_args(),  # one autogroup with the rest of the federation
     )
     fed.procs[name] = proc  # checked for life and stopped with the federation
     return proc

@@ -70,15 +70,18 @@ def wait_for(
         time.sleep(poll_s)
 
 
-def own_process_group() -> dict[str, Any]:
+def background_child_args() -> dict[str, Any]:
     """``Popen`` arguments for a child in a process group of its own (stopped as one, no
-    terminal Ctrl-C) but in the caller's session: Linux's autogroups give each session an
-    equal CPU share whatever its nice values, so in separate sessions every niced
-    background thread of a site (cache writes, late hashing) or of the coordinator
-    (pictures, the next fold) would compete at full weight with the other sites' work."""
+    terminal Ctrl-C, no terminal input: a background group that read it would be stopped)
+    but in the caller's session: Linux's autogroups give each session an equal CPU share
+    whatever its nice values, so in separate sessions every niced background thread of a
+    site (cache writes, late hashing) or of the coordinator (pictures, the next fold)
+    would compete at full weight with the other sites' work."""
     if sys.version_info >= (3, 11):
-        return {"process_group": 0}
-    return {"preexec_fn": os.setpgrp}  # noqa: PLW1509 - Python 3.10 has no process_group
+        group: dict[str, Any] = {"process_group": 0}
+    else:  # Python 3.10 has no process_group
+        group = {"preexec_fn": os.setpgrp}  # noqa: PLW1509
+    return {"stdin": subprocess.DEVNULL, **group}
 
 
 class LocalFederation:
@@ -115,8 +118,7 @@ class LocalFederation:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            **own_process_group(),
+            **background_child_args(),
         )
         self.procs[name] = proc
         return proc

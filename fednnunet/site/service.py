@@ -363,8 +363,8 @@ class SiteService:
     def train_round(self, task: SiteTask) -> SiteReport:
         update_key = self._artifact_key(task)
         prefetched = self._prefetch_global(task)
-        # Both checks at once, beside the global's download: two HEADs in a row took
-        # 40 ms while the three sites download (one at a time they precede the load).
+        # Both checks at once, beside the global's download: in a row, the two HEADs
+        # took 40 ms while three sites downloaded (25 ms at once).
         closed = self._checker.submit(self._round_closed, task)
         existing = self.store.stat(self.bucket, update_key)
         if existing is not None:
