@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import TypeVar
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
 from fednnunet.adapters.s3_store import ArtifactStore, ObjectRefused
@@ -59,6 +60,10 @@ _HISTORY_LEN = "journal_history_rounds"  # in a snapshot: how many round records
 
 
 SendTask = Callable[[SiteTask], None]
+T = TypeVar("T")
+# The most that background work started by a pass waits for the pass to end (a pass
+# that hangs on a service longer than this only delays it; never forever).
+_PASS_WAIT_S = 30.0
 
 # Largest object a site may reference per phase (weights: FEDNNUNET_MAX_OBJECT_BYTES):
 # checked with a stat before any byte is downloaded.
@@ -104,6 +109,8 @@ class Coordinator:
         # Each open round's fold, or its construction by the low-priority thread.
         self._folds: dict[str, RoundFold | Future[RoundFold]] = {}
         self._fold_builder = low_priority_pool("fednnunet-fold")
+        # Experiment -> what waits for its current pass to end (see _after_pass).
+        self._pass_waiters: dict[str, list[threading.Event]] = {}
         # The last global this process published, per experiment: next round's reference.
         self._published: dict[str, tuple[ArtifactRef, bytearray]] = {}
         self._folds_lock = threading.Lock()
@@ -375,7 +382,22 @@ class Coordinator:
 
     # ------------------------------------------------------------ the loop
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
-        """Apply every decision due now, then save (and journal) once for the whole pass."""
+        """Apply every decision due now, then save (and journal) once for the whole pass;
+        then let go what waited for the pass to end (:meth:`_after_pass`)."""
+        seq_at_load = state.seq
+        try:
+            self._decide_and_save(state, fence)
+        finally:
+            self._end_pass(state.experiment_id)
+        if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
+            with self._folds_lock:
+                self._folds.pop(state.experiment_id, None)
+                self._published.pop(state.experiment_id, None)
+        if state.seq != seq_at_load:
+            self._maybe_plot(state, self.clock())
+        return state
+
+    def _decide_and_save(self, state: sm.ExperimentState, fence: Fence) -> None:
         closed_before = state.rounds_closed
         seq_at_load = state.seq
         try:
@@ -413,13 +435,26 @@ class Coordinator:
             raise
         changed = state.seq != seq_at_load
         self._save(state, journal=changed, fence=fence, closed_before=closed_before)
-        if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
-            with self._folds_lock:
-                self._folds.pop(state.experiment_id, None)
-                self._published.pop(state.experiment_id, None)
-        if changed:
-            self._maybe_plot(state, self.clock())
-        return state
+
+    def _after_pass(self, experiment_id: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn``, made to wait until this pass over the experiment has ended.
+
+        For background work that a pass starts: begun at once, the next round's fold
+        builder (a niced thread) took turns with this thread at the GIL while it sent
+        the round's tasks and saved the state, and a niced thread holding the GIL on a
+        busy machine stalls this one until the scheduler gets back to it."""
+        ended = threading.Event()
+        self._pass_waiters.setdefault(experiment_id, []).append(ended)
+
+        def after(*args: object, **kwargs: object) -> T:
+            ended.wait(_PASS_WAIT_S)
+            return fn(*args, **kwargs)
+
+        return after
+
+    def _end_pass(self, experiment_id: str) -> None:
+        for ended in self._pass_waiters.pop(experiment_id, []):
+            ended.set()
 
     def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
         progress = self.redis.progress(state.experiment_id)
@@ -580,7 +615,7 @@ class Coordinator:
                 self._published[state.experiment_id] = (result_ref, res.encoded)
                 if self._folds_on_arrival(state):  # next round's, built while sites train
                     self._folds[state.experiment_id] = self._fold_builder.submit(
-                        RoundFold,
+                        self._after_pass(state.experiment_id, RoundFold),
                         self.store,
                         result_ref,
                         state.options.strategy.exact_architecture,

@@ -341,3 +341,73 @@ def test_the_progress_picture_is_drawn_by_the_pass_that_closes_a_round(
         coordinator.on_report(report)
         counts.append(len(drawn))
     assert counts == [0, 0, 1] and drawn == [2]
+
+
+def _watch_fold_builds(monkeypatch, events: list[str]) -> None:
+    """Record in ``events`` when the next round's fold starts being built."""
+    import fednnunet.coordinator.service as service
+
+    real = service.RoundFold
+
+    def recorded(*args, **kwargs):
+        events.append("build")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service, "RoundFold", recorded)
+
+
+def test_the_next_rounds_fold_is_built_after_the_pass_that_closed_the_round(
+    fold_ns, unique_id, tmp_path, monkeypatch
+):
+    """The niced builder thread starts only once the closing pass has sent the next
+    round's tasks and saved the state (started at once, it shared the GIL with them);
+    the fold it builds is the next round's."""
+    settings, redis = fold_ns
+    exp = unique_id("fold-after-pass-")
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
+    events: list[str] = []
+    _watch_fold_builds(monkeypatch, events)
+
+    def send(task) -> None:
+        time.sleep(0.05)  # time enough for a builder that did not wait to start
+        events.append(f"sent {task.site_id} r{task.round}")
+
+    coordinator.send_task = send
+    real_save = coordinator._save
+    coordinator._save = lambda *a, **kw: (real_save(*a, **kw), events.append("saved"))[0]
+    for report in reports:
+        coordinator.on_report(report)
+    future = coordinator._folds[exp]
+    fold = future.result(timeout=10)
+    assert events[-1] == "build", events
+    assert events[:-1][-4:] == ["sent a r3", "sent b r3", "sent c r3", "saved"], events
+    assert fold.previous == redis.load(exp).global_weights
+
+
+def test_a_pass_that_fails_after_closing_the_round_does_not_hold_the_builder(
+    fold_ns, unique_id, tmp_path, monkeypatch
+):
+    """A pass that raises (here: the broker refuses the next round's tasks) still lets
+    the builder go: the closed round is saved and the next round's fold is built."""
+    settings, redis = fold_ns
+    exp = unique_id("fold-failed-pass-")
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
+    events: list[str] = []
+    _watch_fold_builds(monkeypatch, events)
+
+    def refuse(task) -> None:
+        if task.round == 3:
+            raise ConnectionError("broker gone")
+
+    coordinator.send_task = refuse
+    for report in reports[:2]:
+        coordinator.on_report(report)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError):
+        coordinator.on_report(reports[2])
+    fold = coordinator._folds[exp].result(timeout=10)
+    assert time.monotonic() - t0 < 5  # not the 30 s wait for a pass that never ends
+    state = redis.load(exp)
+    assert (state.round, state.rounds_closed) == (3, 2)
+    # Round 2's fold was built by the first report; round 3's after the failed pass.
+    assert events == ["build", "build"] and fold.previous == state.global_weights
