@@ -108,9 +108,20 @@ if [[ $ONLY_DOWN -eq 1 ]]; then
   exit 0
 fi
 
+# A run that fails part way (a build, the health wait, the experiment) leaves nothing
+# behind either: the stack is taken down and an engine this script started is stopped.
+down_on_failure() {
+  local rc=$?
+  [[ $rc -ne 0 && $KEEP -eq 0 ]] || return 0
+  log "failed (exit $rc): taking the stack down (--keep leaves it up)"
+  take_down || true
+  stop_engine_if_ours || true
+}
+
 # ------------------------------------------------------------------ up
 T_ALL=$(now)
 ensure_engine
+trap down_on_failure EXIT
 PYTHONPATH="$REPO" "$PY" "$DEPLOY/generate.py"
 T=$(now); "$DEPLOY/docker/build.sh"; log "images ready in $(since "$T") s"
 
@@ -164,8 +175,15 @@ if [[ ${#RESTARTS[@]} -gt 0 ]]; then restart_mid_round & RESTART_PID=$!; fi
 T=$(now)
 compose run --rm "${TTY[@]}" client fednnunet experiment start /specs/demo.yml \
   --id "$EXP" --rounds "$ROUNDS" --watch || true
-until field 'd["phase"] in ("done", "failed", "cancelled") or sys.exit(1)' < <(status_json); do
-  sleep 5  # the live view ended early (e.g. interrupted): follow the state until it ends
+UNKNOWN=0
+until field 'd["phase"] in ("done", "failed", "cancelled") or sys.exit(1)' < <(status_json) >/dev/null; do
+  # The live view ended early (e.g. interrupted): follow the state until it ends; an
+  # experiment the coordinator does not know (the start was refused) ends the demo.
+  if status_json >/dev/null; then UNKNOWN=0; else UNKNOWN=$((UNKNOWN + 1)); fi
+  if [[ $UNKNOWN -ge 6 ]]; then
+    log "experiment $EXP is unknown to the coordinator (start refused? see above)"; exit 1
+  fi
+  sleep 5
 done
 WALL=$(since "$T")
 [[ -n "$RESTART_PID" ]] && wait "$RESTART_PID" 2>/dev/null || true
@@ -181,6 +199,7 @@ for r in d["history"]:
 EOF
 PHASE="$(field 'd["phase"]' <"$STATE_DIR/$EXP.json")"
 
+trap - EXIT
 if [[ $KEEP -eq 0 ]]; then take_down; stop_engine_if_ours; fi
 log "total $(since "$T_ALL") s"
 [[ "$PHASE" == done ]]
