@@ -356,17 +356,26 @@ def _watch_fold_builds(monkeypatch, events: list[str]) -> None:
     monkeypatch.setattr(service, "RoundFold", recorded)
 
 
+def _round2_watching_builds(fold_ns, unique_id, tmp_path, monkeypatch, name: str):
+    """:func:`_round2_with_updates` for a new experiment, with its fold builds recorded:
+    (coordinator, reports, redis, experiment id, events)."""
+    settings, redis = fold_ns
+    exp = unique_id(name)
+    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
+    events: list[str] = []
+    _watch_fold_builds(monkeypatch, events)
+    return coordinator, reports, redis, exp, events
+
+
 def test_the_next_rounds_fold_is_built_after_the_pass_that_closed_the_round(
     fold_ns, unique_id, tmp_path, monkeypatch
 ):
     """The niced builder thread starts only once the closing pass has sent the next
     round's tasks and saved the state (started at once, it shared the GIL with them);
     the fold it builds is the next round's."""
-    settings, redis = fold_ns
-    exp = unique_id("fold-after-pass-")
-    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
-    events: list[str] = []
-    _watch_fold_builds(monkeypatch, events)
+    coordinator, reports, redis, exp, events = _round2_watching_builds(
+        fold_ns, unique_id, tmp_path, monkeypatch, "fold-after-pass-"
+    )
 
     def send(task) -> None:
         time.sleep(0.05)  # time enough for a builder that did not wait to start
@@ -389,11 +398,9 @@ def test_a_pass_that_fails_after_closing_the_round_does_not_hold_the_builder(
 ):
     """A pass that raises (here: the broker refuses the next round's tasks) still lets
     the builder go: the closed round is saved and the next round's fold is built."""
-    settings, redis = fold_ns
-    exp = unique_id("fold-failed-pass-")
-    coordinator, reports = _round2_with_updates(settings, redis, tmp_path, exp)
-    events: list[str] = []
-    _watch_fold_builds(monkeypatch, events)
+    coordinator, reports, redis, exp, events = _round2_watching_builds(
+        fold_ns, unique_id, tmp_path, monkeypatch, "fold-failed-pass-"
+    )
 
     def refuse(task) -> None:
         if task.round == 3:
