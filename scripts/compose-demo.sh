@@ -175,12 +175,15 @@ if [[ ${#RESTARTS[@]} -gt 0 ]]; then restart_mid_round & RESTART_PID=$!; fi
 T=$(now)
 compose run --rm "${TTY[@]}" client fednnunet experiment start /specs/demo.yml \
   --id "$EXP" --rounds "$ROUNDS" --watch || true
+# The live view may end early (e.g. interrupted): follow the state until it ends; an
+# experiment the coordinator does not know (the start was refused) ends the demo.
 UNKNOWN=0
-until field 'd["phase"] in ("done", "failed", "cancelled") or sys.exit(1)' < <(status_json) >/dev/null; do
-  # The live view ended early (e.g. interrupted): follow the state until it ends; an
-  # experiment the coordinator does not know (the start was refused) ends the demo.
-  if status_json >/dev/null; then UNKNOWN=0; else UNKNOWN=$((UNKNOWN + 1)); fi
-  if [[ $UNKNOWN -ge 6 ]]; then
+while :; do
+  if STATUS="$(status_json)"; then
+    UNKNOWN=0
+    field 'd["phase"] in ("done", "failed", "cancelled") or sys.exit(1)' <<<"$STATUS" \
+      >/dev/null && break
+  elif [[ $((UNKNOWN += 1)) -ge 6 ]]; then
     log "experiment $EXP is unknown to the coordinator (start refused? see above)"; exit 1
   fi
   sleep 5

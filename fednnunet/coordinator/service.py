@@ -384,20 +384,20 @@ class Coordinator:
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
         """Apply every decision due now, then save (and journal) once for the whole pass;
         then let go what waited for the pass to end (:meth:`_after_pass`)."""
-        seq_at_load = state.seq
         try:
-            self._decide_and_save(state, fence)
+            changed = self._decide_and_save(state, fence)
         finally:
             self._end_pass(state.experiment_id)
         if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
             with self._folds_lock:
                 self._folds.pop(state.experiment_id, None)
                 self._published.pop(state.experiment_id, None)
-        if state.seq != seq_at_load:
+        if changed:
             self._maybe_plot(state, self.clock())
         return state
 
-    def _decide_and_save(self, state: sm.ExperimentState, fence: Fence) -> None:
+    def _decide_and_save(self, state: sm.ExperimentState, fence: Fence) -> bool:
+        """The pass itself; whether it changed the state."""
         closed_before = state.rounds_closed
         seq_at_load = state.seq
         try:
@@ -435,6 +435,7 @@ class Coordinator:
             raise
         changed = state.seq != seq_at_load
         self._save(state, journal=changed, fence=fence, closed_before=closed_before)
+        return changed
 
     def _after_pass(self, experiment_id: str, fn: Callable[..., T]) -> Callable[..., T]:
         """``fn``, made to wait until this pass over the experiment has ended.
