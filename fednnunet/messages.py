@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from fednnunet.core.retention import MIN_KEEP_ROUNDS, kept_rounds
 from fednnunet.phases import Phase
 from fednnunet.strategies import MethodName, Strategy, get_strategy
 
@@ -157,6 +158,10 @@ class ExperimentOptions(BaseModel):
     # After the last round, each site fine-tunes the final global this many epochs into
     # a separate trainer folder ``<trainer>_finetuned`` (0: off).
     finetune_epochs: int = Field(default=0, ge=0, le=1000)
+    # Sync mode: the weights of only the last k rounds stay in S3 (the best global and the
+    # initial model too); None: 3 (core/retention.py); 0: every round's (0.5 GB a round for
+    # three 3d_fullres sites). At least 2.
+    keep_rounds: int | None = Field(default=None, ge=0, le=100_000)
 
     @field_validator("configuration")
     @classmethod
@@ -201,7 +206,24 @@ class ExperimentOptions(BaseModel):
                 raise ValueError("mode async combines updates with FedBuff, not trimmed_mean")
             if self.round_deadline_s is not None:
                 raise ValueError("mode async has no rounds to close: use max_wall_s")
+            if self.keep_rounds:
+                raise ValueError("keep_rounds only applies to mode: sync (async keeps all)")
         return self
+
+    @field_validator("keep_rounds")
+    @classmethod
+    def _keep_window(cls, v: int | None) -> int | None:
+        if v is not None and 0 < v < MIN_KEEP_ROUNDS:
+            raise ValueError(
+                f"must be 0 (keep every round) or at least {MIN_KEEP_ROUNDS}: a coordinator "
+                "that restarts may close the previous round again"
+            )
+        return v
+
+    @property
+    def kept_rounds(self) -> int | None:
+        """How many recent rounds' weights stay in S3 (None: all); see core/retention.py."""
+        return kept_rounds(self.keep_rounds, self.mode)
 
     @property
     def strategy(self) -> Strategy:
