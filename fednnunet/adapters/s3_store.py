@@ -336,6 +336,16 @@ class ArtifactStore:
 
         return self._retry(f"list {bucket}/{prefix}", do)
 
+    # -- deleting (retention) ------------------------------------------------
+    def delete(self, bucket: str, key: str, reason: str) -> None:
+        """Delete one object (absent already: nothing to do). Logged beside the egress
+        log's upload line, so a site's audit shows it deleted, not missing."""
+        self._retry(f"delete {bucket}/{key}", lambda: self.client.remove_object(bucket, key))
+        if self.egress_log is not None:
+            line = {"time": time.time(), "bucket": bucket, "key": key, "deleted": reason}
+            with open(self.egress_log, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+
     # -- writing -----------------------------------------------------------
     def put_bytes(
         self,

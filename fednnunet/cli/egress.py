@@ -25,7 +25,8 @@ site_app = typer.Typer(help="What this site runs and sends.", no_args_is_help=Tr
 def read_egress_log(path: Path, experiment: str | None = None) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FedError(f"no egress log at {path} (set FEDNNUNET_EGRESS_LOG or --log)")
-    entries = []
+    entries: list[dict[str, Any]] = []
+    last_upload: dict[tuple[str, str], dict[str, Any]] = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -33,9 +34,30 @@ def read_egress_log(path: Path, experiment: str | None = None) -> list[dict[str,
             e = json.loads(line)
         except json.JSONDecodeError:
             raise FedError(f"{path}:{n}: not a JSON line") from None
-        if experiment is None or str(e.get("key", "")).startswith(experiment_prefix(experiment)):
-            entries.append(e)
+        if experiment is not None and not str(e.get("key", "")).startswith(
+            experiment_prefix(experiment)
+        ):
+            continue
+        where = (str(e.get("bucket", "")), str(e.get("key", "")))
+        if "deleted" in e:  # retention: the site deleted an object it uploaded earlier
+            if where in last_upload:
+                last_upload[where]["deleted"] = f"{e['deleted']}, {_when(e)}"
+            continue
+        entries.append(e)
+        last_upload[where] = e
     return entries
+
+
+def _when(entry: dict[str, Any]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(entry.get("time", 0))))
+
+
+DELETED = "deleted by this site"
+
+
+def status_is_ok(status: str) -> bool:
+    """Whether an audit status agrees with the log (verified, not checked, or deleted)."""
+    return status in ("verified", "not verified") or status.startswith(DELETED)
 
 
 def _safetensors_words(data: bytes) -> str:
@@ -88,7 +110,8 @@ def audit(entries: list[dict[str, Any]], store: Any) -> list[dict[str, Any]]:
             out.append(row)
             continue
         if ref is None:
-            row.update(status="missing in store", words=[])
+            gone = f"{DELETED} ({e['deleted']})" if "deleted" in e else "missing in store"
+            row.update(status=gone, words=[])
             out.append(row)
             continue
         data = store.client.get_object(e["bucket"], e["key"])
@@ -132,7 +155,11 @@ def _site_egress(experiment, log, site_id, no_verify) -> None:
         console.print(f"nothing left this site{' for ' + experiment if experiment else ''}")
         return
     if no_verify:
-        rows = [dict(e, status="not verified", words=[]) for e in entries]
+        rows = [
+            dict(e, status=f"{DELETED} ({e['deleted']})" if "deleted" in e else "not verified")
+            | {"words": []}
+            for e in entries
+        ]
     else:
         from fednnunet.adapters.s3_store import ArtifactStore
 
@@ -141,8 +168,8 @@ def _site_egress(experiment, log, site_id, no_verify) -> None:
     bad = 0
     for r in rows:
         total += int(r.get("bytes", 0))
-        bad += r["status"] not in ("verified", "not verified")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(r.get("time", 0))))
+        bad += not status_is_ok(r["status"])
+        when = _when(r)
         console.print(
             f"{when}  {r.get('kind', '?')}  s3://{r['bucket']}/{r['key']}  "
             f"{r.get('bytes', '?')} B  {r['status']}",

@@ -28,6 +28,7 @@ from fednnunet.core import async_rounds as asy
 from fednnunet.core import state_machine as sm
 from fednnunet.core.aggregation import capped_weights
 from fednnunet.core.identity import SenderPolicy
+from fednnunet.core.retention import expired_globals, stale_at_end
 from fednnunet.errors import FedError, IntegrityError, ServiceUnreachable
 from fednnunet.keys import (
     HISTORY,
@@ -109,6 +110,8 @@ class Coordinator:
         # Each open round's fold, or its construction by the low-priority thread.
         self._folds: dict[str, RoundFold | Future[RoundFold]] = {}
         self._fold_builder = low_priority_pool("fednnunet-fold")
+        # Retention deletes (core/retention.py): after the pass that made them safe.
+        self._retention = low_priority_pool("fednnunet-retention")
         # Experiment -> what waits for its current pass to end (see _after_pass).
         self._pass_waiters: dict[str, list[threading.Event]] = {}
         # The last global this process published, per experiment: next round's reference.
@@ -414,6 +417,10 @@ class Coordinator:
                 elif state.phase == Phase.VALIDATE and sm.phase_complete(state, now):
                     sm.apply_validated(state, now)
                     self._write_final(state)
+                    self._retention.submit(
+                        self._after_pass(state.experiment_id, self._sweep_globals),
+                        state.model_copy(),
+                    )
                 elif (closing := sm.async_complete(state, now)) is not None:
                     self._put_once_json(  # sites read it: they abandon the epoch in flight
                         self.global_bucket,
@@ -609,7 +616,17 @@ class Coordinator:
         for site in action.late:
             state.sites_status[site].state = "late"
         previous = state.global_weights
+        best_before = state.best_global_round
         sm.apply_aggregated(state, record, now)
+        keep = state.options.kept_rounds
+        expired = expired_globals(action.round, keep, state.best_global_round, best_before)
+        if expired:
+            self._retention.submit(
+                self._after_pass(state.experiment_id, self._delete_globals),
+                state.experiment_id,
+                expired,
+                f"keep_rounds {keep} at round {action.round}",
+            )
         with self._folds_lock:
             self._folds.pop(state.experiment_id, None)
             if res.encoded is not None and state.phase == Phase.TRAIN:
@@ -628,6 +645,34 @@ class Coordinator:
             self.store.evict(r.artifact)
         if previous is not None and previous != result_ref:
             self.store.evict(previous)
+
+    def _delete_globals(self, experiment_id: str, rounds: list[int], reason: str) -> None:
+        """Retention: globals that left the window of kept rounds (a failure is logged:
+        the object stays, the end-of-training sweep deletes it)."""
+        try:
+            for r in rounds:
+                self.store.delete(self.global_bucket, global_weights_key(experiment_id, r), reason)
+        except Exception:  # noqa: BLE001 - storage left behind must never stop training
+            log.exception("deleting expired globals %s of %s failed", rounds, experiment_id)
+
+    def _sweep_globals(self, state: sm.ExperimentState) -> None:
+        """Retention at the end: what a restarted coordinator left behind (one LIST)."""
+        keep = state.options.kept_rounds
+        if keep is None:
+            return
+        exp = state.experiment_id
+        try:
+            keys = self.store.list_keys(self.global_bucket, folder_prefix(exp, Phase.TRAIN))
+        except Exception:  # noqa: BLE001 - as in _delete_globals
+            log.exception("listing the globals of %s failed", exp)
+            return
+        stored = set()
+        for key in keys:
+            parts = parse_artifact_key(key)
+            if parts and key == global_weights_key(exp, parts.round):
+                stored.add(parts.round)
+        expired = stale_at_end(stored, state.rounds_closed, keep, state.best_global_round)
+        self._delete_globals(exp, expired, f"keep_rounds {keep} at the end")
 
     def _aggregate_once(
         self, state: sm.ExperimentState, reports: list[SiteReport], key: str

@@ -199,7 +199,13 @@ def minio_coordinator_policy(prefix: str, sites: Sequence[str]) -> dict:
             },
             {
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+                # Delete: retention of old globals (core/retention.py).
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:DeleteObject",
+                ],
                 "Resource": [f"arn:aws:s3:::{b}/*" for b in own],
             },
             {
@@ -224,7 +230,13 @@ def minio_site_policy(prefix: str, site: str) -> dict:
             },
             {
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload"],
+                # Delete: retention of the site's own old updates (core/retention.py).
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:AbortMultipartUpload",
+                    "s3:DeleteObject",
+                ],
                 "Resource": [f"arn:aws:s3:::{own}/*"],
             },
             {

@@ -20,14 +20,18 @@ from typing import Any
 from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.adapters.weights_codec import decode_weights, encode_weights_sha256
 from fednnunet.background import low_priority_pool
+from fednnunet.core.retention import expired_update_round, stale_at_end
 from fednnunet.errors import DatasetError, FedError, IntegrityError, PolicyRefusal
 from fednnunet.keys import (
     async_closed_key,
+    folder_prefix,
     global_bucket,
     global_weights_key,
+    parse_artifact_key,
     site_artifact_key,
     site_bucket,
     site_report_key,
+    site_update_key,
 )
 from fednnunet.messages import ArtifactRef, ExperimentOptions, SiteReport, SiteTask
 from fednnunet.nnunet.backend import NnunetBackend, load_backend
@@ -385,6 +389,10 @@ class SiteService:
             raise FedError(f"round {task.round} is already closed; stale task skipped")
         session = self._session(task)
         opts = task.options
+        if opts.mode == "sync" and session.last_completed_round() > task.round:
+            # Its update is gone (deleted when it left the kept rounds): never send a later
+            # round's weights under this round's name.
+            raise FedError(f"round {task.round} is behind this site's rounds; stale task skipped")
         if task.plans_sha256 is not None:
             self._check_plans(task, session)
         trained = session.last_completed_round() < task.round
@@ -442,12 +450,43 @@ class SiteService:
                 saved = pool.submit(checkpoint_then_record)
                 ref = upload()
                 saved.result()
+        self._after_report(partial(self._expire_update, task))
         # Timing of this delivery only: not in the stored meta, which must not change
         # when a redelivered task writes it again.
         metrics = {**metrics, "push_s": time.perf_counter() - t_push}
         if self.progress is not None:
             self.progress.progress(bytes_sent=len(data), metrics=metrics)
         return self._report(task, artifact=ref, num_cases=meta["num_cases"], metrics=metrics)
+
+    def _after_report(self, job: Callable[[], None]) -> None:
+        """Work the report need not wait for: after it is sent (worker), else now."""
+        if self._defer_writes:
+            self._deferred.append(job)
+        else:
+            job()
+
+    def _expire_update(self, task: SiteTask) -> None:
+        """Retention (core/retention.py): this site's update that just left the window of
+        kept rounds. Only ever this site's own update of a round at least 2 back."""
+        keep = task.options.kept_rounds
+        expired = expired_update_round(task.round, keep)
+        if expired is not None:
+            key = site_update_key(task.experiment_id, expired, self.site_id)
+            self.store.delete(self.bucket, key, reason=f"keep_rounds {keep} at round {task.round}")
+
+    def _sweep_updates(self, task: SiteTask) -> None:
+        """Retention at the end: the updates left behind by rounds this site missed."""
+        keep = task.options.kept_rounds
+        if keep is None:
+            return
+        prefix = folder_prefix(task.experiment_id, Phase.TRAIN)
+        updates = {}
+        for key in self.store.list_keys(self.bucket, prefix):
+            parts = parse_artifact_key(key)
+            if parts and key == site_update_key(task.experiment_id, parts.round, self.site_id):
+                updates[parts.round] = key
+        for r in stale_at_end(updates, task.options.rounds, keep):
+            self.store.delete(self.bucket, updates[r], reason=f"keep_rounds {keep} at the end")
 
     def _simulate_slowdown(self, task: SiteTask, factor: float, train_s: float) -> None:
         """Simulation only: make this epoch take ``factor`` times its training time."""
@@ -526,6 +565,7 @@ class SiteService:
         }
         self._save_meta(task, meta)
         self._remember_cached_global(task.experiment_id, None)
+        self._after_report(partial(self._sweep_updates, task))
         return self._report(task, metrics=metrics, num_cases=meta["num_cases"])
 
     def _finetune(self, task: SiteTask) -> dict[str, float]:

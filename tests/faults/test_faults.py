@@ -18,9 +18,10 @@ import redis
 import torch
 
 from fednnunet.adapters.broker import SITE_TASKS, make_celery, site_task_queue
+from fednnunet.adapters.weights_codec import decode_weights
 from fednnunet.cli.simulate import submit
 from fednnunet.core.state_machine import TERMINAL
-from fednnunet.keys import site_bucket
+from fednnunet.keys import global_bucket, site_bucket
 from fednnunet.messages import SiteTask
 from fednnunet.settings import get_settings
 from tests.faults.harness import (
@@ -245,6 +246,46 @@ def test_redis_flushed_mid_round_state_comes_back_from_the_s3_journal(iso, uniqu
     assert all(sorted(r.participants) == sorted(sites) for r in run.state.history)
     assert_same_weights(final, reference_weights(spec, sites, [list(sites)] * spec.rounds))
     record("Redis FLUSHDB mid-round", run)
+
+
+def test_retention_through_a_redis_flush_loses_nothing_and_keeps_only_the_window(iso, unique_id):
+    """``keep_rounds: 2``, Redis flushed mid-round 3 (the state comes back from the S3
+    journal) after round 1's objects were deleted: the run ends with the weights of an
+    undisturbed run, and S3 holds each site's updates and the globals of rounds 3-4 and
+    the best round only."""
+    sites = _sites(unique_id)
+    spec = make_spec(unique_id("exp-"), list(sites), rounds=4, keep_rounds=2)
+    seen: dict[str, float] = {}
+
+    def flush_redis_in_round_3(state) -> None:
+        if "flushed" not in seen and _in_round(state, 3, sites):
+            redis.Redis.from_url(iso.settings.redis_url).flushdb()
+            seen["flushed"] = time.monotonic()
+
+    with Federation(sites, iso.tmp / "logs", env=iso.env) as fed:
+        fed.wait_ready(iso.vhost, _queues(sites))
+        run = drive(iso, fed, spec, on_poll=flush_redis_in_round_3)
+        time.sleep(2)  # the end sweep runs after the pass that finished
+    assert "flushed" in seen
+    assert run.state.phase == "done", run.state.error
+    assert [r.round for r in run.state.history] == [1, 2, 3, 4]
+    final = decode_weights(iso.store().get_bytes(run.state.global_weights))
+    assert_same_weights(final, reference_weights(spec, sites, [list(sites)] * spec.rounds))
+    store, exp = iso.store(), spec.experiment_id
+
+    def rounds_of(bucket: str, name: str) -> set[int]:
+        keys = store.list_keys(bucket, f"{exp}/train/")
+        return {int(k.split("/")[2][1:]) for k in keys if k.endswith("/" + name)}
+
+    prefix = iso.settings.bucket_prefix
+    assert rounds_of(global_bucket(prefix), "weights.safetensors") == {
+        3,
+        4,
+        run.state.best_global_round,
+    }
+    for site in sites:
+        assert rounds_of(site_bucket(prefix, site), "update.safetensors") == {3, 4}
+    record("Redis FLUSHDB mid-round, keep_rounds 2", run)
 
 
 def test_task_longer_than_consumer_timeout_is_neither_killed_nor_redelivered(iso, unique_id):

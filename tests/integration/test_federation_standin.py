@@ -131,3 +131,74 @@ def test_pretrained_weights_are_every_sites_starting_point(stack, unique_id, tmp
     assert all(torch.equal(initial[k], v) for k, v in pretrained.items())
     for site in sites:  # every site loaded all four layers before its first epoch
         assert state.history[0].metrics[site]["layers_loaded"] == 4.0
+
+
+def test_keep_rounds_leaves_the_last_rounds_the_best_and_the_initial_global(
+    stack, unique_id, tmp_path
+):
+    """Retention over the real broker and S3: after 5 rounds with ``keep_rounds: 2``, S3
+    holds each site's updates of rounds 4-5, the globals of rounds 4-5 and the best
+    round, and the pretrained round-0 model; what is kept is still exact FedAvg, and each
+    site's egress audit names rounds 1-3 as deleted by the site."""
+    import time as _time
+
+    from fednnunet.cli.egress import audit, read_egress_log, status_is_ok
+    from fednnunet.keys import global_bucket, site_bucket
+    from tests.support.standin import build_state
+
+    ckpt = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": build_state("tiny", 4343)}, ckpt)
+    sites = {unique_id("k"): i for i in (31, 32)}
+    rounds, keep = 5, 2
+    spec = parse_spec(
+        {"experiment_id": unique_id("exp-"), "sites": list(sites), "method": "asym",
+         "rounds": rounds, "keep_rounds": keep, "configuration": "2d", "device": "cpu",
+         "heartbeat_timeout_s": 30, "train_args": ["-pretrained_weights", str(ckpt)]}
+    )  # fmt: skip
+    env = {
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
+        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
+        "nnUNet_raw": str(tmp_path),
+        "nnUNet_preprocessed": str(tmp_path),
+        "nnUNet_results": str(tmp_path),
+    }
+    with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
+        spec = submit(stack, spec)
+        state = wait_for(stack, spec.experiment_id, 180, on_update=lambda *_: fed.check_alive())
+    assert state.phase == "done", state.error
+    store = ArtifactStore(stack)
+    exp = spec.experiment_id
+
+    def stored_rounds(bucket: str, name: str) -> set[int]:
+        keys = store.list_keys(bucket, f"{exp}/train/")
+        return {int(k.split("/")[2][1:]) for k in keys if k.endswith("/" + name)}
+
+    # Expected, from the spec alone: the last `keep` rounds, the best, round 0.
+    last = set(range(rounds - keep + 1, rounds + 1))
+    want_globals = last | {state.best_global_round, 0}
+    gbucket = global_bucket(stack.bucket_prefix)
+    deadline = _time.monotonic() + 15  # the deletes run after the pass that allows them
+    while stored_rounds(gbucket, "weights.safetensors") != want_globals:
+        assert _time.monotonic() < deadline, stored_rounds(gbucket, "weights.safetensors")
+        _time.sleep(0.2)
+    for site in sites:
+        assert stored_rounds(site_bucket(stack.bucket_prefix, site), "update.safetensors") == last
+    for record in state.history:
+        if record.round not in last:
+            continue
+        updates = []
+        for site in sites:
+            key = f"{exp}/train/r{record.round:05d}/{site}/update.safetensors"
+            ref = store.stat(site_bucket(stack.bucket_prefix, site), key)
+            updates.append((decode_weights(store.get_bytes(ref)), float(record.num_cases[site])))
+        expected = fedavg_oracle(updates)
+        got = decode_weights(store.get_bytes(record.global_weights))
+        assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in expected.items())
+    for site in sites:
+        rows = audit(read_egress_log(tmp_path / f"fednnunet_egress_{site}.jsonl", exp), store)
+        status = {int(r["key"].split("/")[2][1:]): r["status"] for r in rows
+                  if r["kind"] == "weights_update"}  # fmt: skip
+        assert set(status) == set(range(1, rounds + 1))
+        assert all(status[r] == "verified" for r in last), status
+        assert all(status[r].startswith("deleted by this site") for r in range(1, 4)), status
+        assert all(status_is_ok(r["status"]) for r in rows)

@@ -134,3 +134,27 @@ def test_coordinator_identity_keeps_its_own_bucket(s3, stack):
     coord = _client(stack, *coordinator_s3_credentials())
     _put(coord, coordinator_bucket(prefix), key + ".a", b"round record")
     assert coord.get_object(coordinator_bucket(prefix), key + ".a").read() == b"round record"
+
+
+def test_retention_deletes_stay_inside_each_identitys_own_buckets(s3, stack):
+    """Retention (core/retention.py): a site deletes its own old updates, the coordinator
+    its old globals; neither can delete anything of anyone else."""
+    from fednnunet.deploy.provisioning import coordinator_s3_credentials
+
+    admin, site_a, prefix, key = s3
+    coord = _client(stack, *coordinator_s3_credentials())
+    own, other = site_bucket(prefix, SITE_A), site_bucket(prefix, SITE_B)
+    assert _denied(lambda: site_a.remove_object(other, key)) == "AccessDenied"
+    assert _denied(lambda: site_a.remove_object(global_bucket(prefix), key)) == "AccessDenied"
+    assert _denied(lambda: coord.remove_object(other, key)) == "AccessDenied"
+    assert admin.get_object(other, key).read() == b"site-b-private"
+    assert admin.get_object(global_bucket(prefix), key).read() == b"global-weights"
+    _put(site_a, own, key + ".a", b"old update")
+    site_a.remove_object(own, key + ".a")
+    assert _denied(lambda: admin.stat_object(own, key + ".a")) in {"NoSuchKey", "NoSuchObject"}
+    _put(admin, global_bucket(prefix), key + ".a", b"old global")
+    coord.remove_object(global_bucket(prefix), key + ".a")
+    assert _denied(lambda: admin.stat_object(global_bucket(prefix), key + ".a")) in {
+        "NoSuchKey",
+        "NoSuchObject",
+    }
