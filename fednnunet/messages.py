@@ -127,7 +127,7 @@ class ExperimentOptions(BaseModel):
     export_npz: bool = False
     # How the federation trains.
     method: MethodName = "ffe"
-    rounds: int = Field(default=1000, ge=1, le=100_000)
+    rounds: int = Field(default=1000, ge=1, le=99_999)  # keys sort by round: r{:05d}
     local_epochs: int = Field(default=1, ge=1, le=1000)
     iterations_per_epoch: int = Field(default=250, ge=1, le=100_000)
     val_iterations_per_epoch: int = Field(default=50, ge=1, le=100_000)

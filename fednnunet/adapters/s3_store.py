@@ -346,6 +346,22 @@ class ArtifactStore:
             with open(self.egress_log, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(line) + "\n")
 
+    def first_key_after(self, bucket: str, prefix: str, start_after: str) -> str | None:
+        """The first key under ``prefix`` that sorts after ``start_after`` (one LIST)."""
+
+        def do() -> str | None:
+            try:
+                listing = self.client.list_objects(
+                    bucket, prefix=prefix, recursive=True, start_after=start_after
+                )
+                return next((o.object_name for o in listing), None)
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND:
+                    return None
+                raise
+
+        return self._retry(f"list {bucket}/{prefix} after {start_after}", do)
+
     # -- writing -----------------------------------------------------------
     def put_bytes(
         self,

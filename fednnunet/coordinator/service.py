@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
@@ -71,6 +72,14 @@ _PASS_WAIT_S = 30.0
 MAX_REPORTED_BYTES = {Phase.FINGERPRINT: 64 << 20, Phase.PLAN: 8 << 20}
 
 
+@dataclass
+class _PassEnd:
+    """What background work started by a pass waits for: its end, and whether it saved."""
+
+    event: threading.Event = field(default_factory=threading.Event)
+    saved: bool = False
+
+
 class Refused(FedError):
     """A site message the coordinator does not believe (logged and counted)."""
 
@@ -113,7 +122,7 @@ class Coordinator:
         # Retention deletes (core/retention.py): after the pass that made them safe.
         self._retention = low_priority_pool("fednnunet-retention")
         # Experiment -> what waits for its current pass to end (see _after_pass).
-        self._pass_waiters: dict[str, list[threading.Event]] = {}
+        self._pass_waiters: dict[str, list[_PassEnd]] = {}
         # The last global this process published, per experiment: next round's reference.
         self._published: dict[str, tuple[ArtifactRef, bytearray]] = {}
         self._folds_lock = threading.Lock()
@@ -387,10 +396,12 @@ class Coordinator:
     def _advance_locked(self, state: sm.ExperimentState, fence: Fence) -> sm.ExperimentState:
         """Apply every decision due now, then save (and journal) once for the whole pass;
         then let go what waited for the pass to end (:meth:`_after_pass`)."""
+        saved = False
         try:
             changed = self._decide_and_save(state, fence)
+            saved = True
         finally:
-            self._end_pass(state.experiment_id)
+            self._end_pass(state.experiment_id, saved)
         if state.phase != Phase.TRAIN:  # no round to fold: drop what was kept for one
             with self._folds_lock:
                 self._folds.pop(state.experiment_id, None)
@@ -418,7 +429,7 @@ class Coordinator:
                     sm.apply_validated(state, now)
                     self._write_final(state)
                     self._retention.submit(
-                        self._after_pass(state.experiment_id, self._sweep_globals),
+                        self._after_pass(state.experiment_id, self._sweep_globals, True),
                         state.model_copy(),
                     )
                 elif (closing := sm.async_complete(state, now)) is not None:
@@ -444,25 +455,33 @@ class Coordinator:
         self._save(state, journal=changed, fence=fence, closed_before=closed_before)
         return changed
 
-    def _after_pass(self, experiment_id: str, fn: Callable[..., T]) -> Callable[..., T]:
+    def _after_pass(
+        self, experiment_id: str, fn: Callable[..., T], saved_only: bool = False
+    ) -> Callable[..., T | None]:
         """``fn``, made to wait until this pass over the experiment has ended.
 
         For background work that a pass starts: begun at once, the next round's fold
         builder (a niced thread) took turns with this thread at the GIL while it sent
         the round's tasks and saved the state, and a niced thread holding the GIL on a
-        busy machine stalls this one until the scheduler gets back to it."""
-        ended = threading.Event()
-        self._pass_waiters.setdefault(experiment_id, []).append(ended)
+        busy machine stalls this one until the scheduler gets back to it.
+        ``saved_only``: run only if the pass saved the state and its snapshot (a pass that
+        failed, or that has not ended after ``_PASS_WAIT_S``, skips it)."""
+        end = _PassEnd()
+        self._pass_waiters.setdefault(experiment_id, []).append(end)
 
-        def after(*args: object, **kwargs: object) -> T:
-            ended.wait(_PASS_WAIT_S)
+        def after(*args: object, **kwargs: object) -> T | None:
+            ended = end.event.wait(_PASS_WAIT_S)
+            if saved_only and not (ended and end.saved):
+                log.info("%s skipped: the pass over %s did not save", fn.__name__, experiment_id)
+                return None
             return fn(*args, **kwargs)
 
         return after
 
-    def _end_pass(self, experiment_id: str) -> None:
-        for ended in self._pass_waiters.pop(experiment_id, []):
-            ended.set()
+    def _end_pass(self, experiment_id: str, saved: bool) -> None:
+        for end in self._pass_waiters.pop(experiment_id, []):
+            end.saved = saved
+            end.event.set()
 
     def _apply_heartbeats(self, state: sm.ExperimentState, now: float) -> None:
         progress = self.redis.progress(state.experiment_id)
@@ -622,7 +641,9 @@ class Coordinator:
         expired = expired_globals(action.round, keep, state.best_global_round, best_before)
         if expired:
             self._retention.submit(
-                self._after_pass(state.experiment_id, self._delete_globals),
+                # Only once the state that no longer needs them is saved (and journaled):
+                # a failed pass leaves a state that may still name them (the old best).
+                self._after_pass(state.experiment_id, self._delete_globals, saved_only=True),
                 state.experiment_id,
                 expired,
                 f"keep_rounds {keep} at round {action.round}",

@@ -23,10 +23,10 @@ from fednnunet.background import low_priority_pool
 from fednnunet.core.retention import expired_update_round, stale_at_end
 from fednnunet.errors import DatasetError, FedError, IntegrityError, PolicyRefusal
 from fednnunet.keys import (
+    GLOBAL_SITE,
     async_closed_key,
     folder_prefix,
     global_bucket,
-    global_weights_key,
     parse_artifact_key,
     site_artifact_key,
     site_bucket,
@@ -223,13 +223,18 @@ class SiteService:
         return self.backend.session(self.dataset_id, options, task.experiment_id, **more)
 
     def _round_closed(self, task: SiteTask) -> bool:
-        """True when the coordinator already aggregated this round (the task is stale);
-        async: when the train phase has ended."""
+        """True when the coordinator already aggregated this round (the task is stale):
+        a global of this round or a later one exists (one LIST: with ``keep_rounds`` this
+        round's own global may be deleted since); async: when the train phase has ended."""
+        exp = task.experiment_id
         if task.options.mode == "async":
-            closed = async_closed_key(task.experiment_id)
-            return self.store.stat(self.global_bucket, closed) is not None
-        key = global_weights_key(task.experiment_id, task.round)
-        return self.store.stat(self.global_bucket, key) is not None
+            return self.store.stat(self.global_bucket, async_closed_key(exp)) is not None
+        # After everything of the previous round: SeaweedFS skips a whole folder whose
+        # own name is the marker ("…/r00005" would skip round 5's objects).
+        after = folder_prefix(exp, Phase.TRAIN, task.round - 1) + "~"
+        key = self.store.first_key_after(self.global_bucket, folder_prefix(exp, Phase.TRAIN), after)
+        parts = parse_artifact_key(key) if key is not None else None
+        return parts is not None and parts.site == GLOBAL_SITE and parts.round >= task.round
 
     def _load_global(
         self,
@@ -389,10 +394,13 @@ class SiteService:
             raise FedError(f"round {task.round} is already closed; stale task skipped")
         session = self._session(task)
         opts = task.options
-        if opts.mode == "sync" and session.last_completed_round() > task.round:
+        if opts.mode == "sync" and (done := session.last_completed_round()) > task.round:
             # Its update is gone (deleted when it left the kept rounds): never send a later
             # round's weights under this round's name.
-            raise FedError(f"round {task.round} is behind this site's rounds; stale task skipped")
+            raise PolicyRefusal(
+                f"round {task.round} is behind this site's last completed round {done}: stale "
+                "task skipped (a new experiment needs a new id or an empty results folder)"
+            )
         if task.plans_sha256 is not None:
             self._check_plans(task, session)
         trained = session.last_completed_round() < task.round
@@ -470,9 +478,14 @@ class SiteService:
         kept rounds. Only ever this site's own update of a round at least 2 back."""
         keep = task.options.kept_rounds
         expired = expired_update_round(task.round, keep)
-        if expired is not None:
-            key = site_update_key(task.experiment_id, expired, self.site_id)
-            self.store.delete(self.bucket, key, reason=f"keep_rounds {keep} at round {task.round}")
+        if expired is None:
+            return
+        key = site_update_key(task.experiment_id, expired, self.site_id)
+        try:
+            if self.store.stat(self.bucket, key) is not None:  # absent that round: no log line
+                self.store.delete(self.bucket, key, f"keep_rounds {keep} at round {task.round}")
+        except Exception:  # noqa: BLE001 - the round's report stands; the end sweep retries
+            log.exception("deleting %s (retention) failed", key)
 
     def _sweep_updates(self, task: SiteTask) -> None:
         """Retention at the end: the updates left behind by rounds this site missed."""
@@ -480,13 +493,16 @@ class SiteService:
         if keep is None:
             return
         prefix = folder_prefix(task.experiment_id, Phase.TRAIN)
-        updates = {}
-        for key in self.store.list_keys(self.bucket, prefix):
-            parts = parse_artifact_key(key)
-            if parts and key == site_update_key(task.experiment_id, parts.round, self.site_id):
-                updates[parts.round] = key
-        for r in stale_at_end(updates, task.options.rounds, keep):
-            self.store.delete(self.bucket, updates[r], reason=f"keep_rounds {keep} at the end")
+        try:
+            updates = {}
+            for key in self.store.list_keys(self.bucket, prefix):
+                parts = parse_artifact_key(key)
+                if parts and key == site_update_key(task.experiment_id, parts.round, self.site_id):
+                    updates[parts.round] = key
+            for r in stale_at_end(updates, task.options.rounds, keep):
+                self.store.delete(self.bucket, updates[r], f"keep_rounds {keep} at the end")
+        except Exception:  # noqa: BLE001 - as in _expire_update
+            log.exception("the retention sweep of %s failed", prefix)
 
     def _simulate_slowdown(self, task: SiteTask, factor: float, train_s: float) -> None:
         """Simulation only: make this epoch take ``factor`` times its training time."""

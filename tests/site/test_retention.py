@@ -78,6 +78,14 @@ def test_a_site_keeps_only_its_last_k_updates_and_skips_a_deleted_rounds_task(
     stale = svc.handle(task(2))
     assert not stale.ok and "stale task skipped" in (stale.error or ""), stale.error
     assert _update_rounds(store, sbucket, exp) == {3, 4}
+    # A site without that checkpoint (a new machine) gets it too, its input global (1)
+    # still there (say, the best): a later round's global shows the round closed.
+    fresh = SiteService(
+        settings, store, backend=StandInBackend(settings, model="tiny", workdir=tmp_path / "w2")
+    )
+    stale = fresh.handle(task(2))
+    assert not stale.ok and "already closed" in (stale.error or ""), stale.error
+    assert _update_rounds(store, sbucket, exp) == {3, 4}
 
     # keep_rounds 0: nothing is deleted.
     options = options.model_copy(update={"keep_rounds": 0})
