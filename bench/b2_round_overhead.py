@@ -276,7 +276,7 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
         raise RuntimeError(f"fednnunet run ended in {state.phase}: {state.error}")
     store = ArtifactStore(settings)
     try:
-        return _collect(state, store, settings, spec, sites, sleep_s, watch, s3_watch)
+        return _collect(state, spec, sites, sleep_s, watch, s3_watch, workdir)
     finally:
         prefix = spec.experiment_id + "/"
         for site in sites:
@@ -284,19 +284,29 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
         purge_s3(store, global_bucket(settings.bucket_prefix), prefix)
 
 
-def _collect(
-    state, store, settings, spec, sites, sleep_s: float, watch: PeakWatch, s3_watch: PeakWatch
-) -> dict:
-    from fednnunet.keys import site_bucket, site_update_key
+def _uploaded_update_bytes(workdir: Path, experiment_id: str, site: str) -> dict[int, int]:
+    """Round -> bytes of the update the site sent, from its egress log (the objects are
+    gone from S3 by then: only the last ``keep_rounds`` rounds stay)."""
+    from fednnunet.cli.egress import read_egress_log
+    from fednnunet.keys import parse_artifact_key
 
+    log = workdir / f"fednnunet_egress_{site}.jsonl"  # nnUNet_results=workdir
+    out = {}
+    for e in read_egress_log(log, experiment_id):
+        parts = parse_artifact_key(e["key"])
+        if e.get("kind") == "weights_update" and parts is not None:
+            out[parts.round] = int(e["bytes"])
+    return out
+
+
+def _collect(
+    state, spec, sites, sleep_s: float, watch: PeakWatch, s3_watch: PeakWatch, workdir: Path
+) -> dict:
+    sent = {s: _uploaded_update_bytes(workdir, spec.experiment_id, s) for s in sites}
     out = []
     prev_global = 0
     for rec in state.history:
-        ups = []
-        for site in sites:
-            key = site_update_key(spec.experiment_id, rec.round, site)
-            ref = store.stat(site_bucket(settings.bucket_prefix, site), key)
-            ups.append(ref.size if ref else 0)
+        ups = [sent[site].get(rec.round, 0) for site in sites]
         wall = rec.closed_at - rec.opened_at
         out.append(
             {

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.common import BenchResult, Target, purge_s3
+from fednnunet.core.retention import DEFAULT_KEEP_ROUNDS
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SITES = 3
@@ -185,6 +186,8 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
     rss: list[tuple[float, int, float]] = []  # (time, round, MB) of the first coordinator
     rss_after: list[tuple[float, int, float]] = []
     restart: dict = {}
+    store = ArtifactStore(settings)
+    stored: dict[str, dict] = {}  # S3 use after round WINDOW and at the end
     with LocalFederation(sites, workdir / "logs", env=env, with_coordinator=False) as fed:
         child_env = fed.env | env
         coord = _spawn_coordinator(fed, "coordinator", stats[0], child_env, tick_s)
@@ -199,6 +202,9 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
             (rss_after if restart else rss).append((time.time(), rnd, _rss_mb(coord.pid)))
             if state is not None and state.phase in TERMINAL:
                 break
+            if "early" not in stored and state is not None and state.rounds_closed >= WINDOW:
+                stored["early"] = _s3_use(store, settings, sites, spec.experiment_id)
+                stored["early"]["rounds_closed"] = state.rounds_closed
             if restart_at and not restart and state is not None and rnd >= restart_at:
                 os.killpg(coord.pid, signal.SIGKILL)
                 coord.wait(timeout=20)
@@ -211,7 +217,9 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
         wall = time.time() - t0
     if state.phase != "done":
         raise RuntimeError(f"B7 run ended in {state.phase}: {state.error}")
-    store = ArtifactStore(settings)
+    time.sleep(2)  # the end-of-training sweep runs after the pass that finished
+    stored["end"] = _s3_use(store, settings, sites, spec.experiment_id)
+    stored["end"]["rounds_closed"] = state.rounds_closed
     try:
         entries = [json.loads(line) for path in stats if path.exists() for line in path.open()]
     finally:
@@ -237,7 +245,24 @@ def run_long(rounds: int, restart_at: int | None, workdir: Path, tick_s: float =
         "rss_after_restart": rss_after,
         "restart": restart,
         "experiment_id": spec.experiment_id,
+        "s3_stored": stored,
     }
+
+
+def _s3_use(store, settings, sites, experiment_id: str) -> dict:  # noqa: ANN001
+    """Objects and bytes the experiment holds in S3: weights (updates and globals) apart
+    from the small JSON records (site reports, round records, journal snapshots)."""
+    from fednnunet.keys import coordinator_bucket, global_bucket, site_bucket
+
+    buckets = [site_bucket(settings.bucket_prefix, s) for s in sites]
+    buckets += [global_bucket(settings.bucket_prefix), coordinator_bucket(settings.bucket_prefix)]
+    use = {"weights_objects": 0, "weights_bytes": 0, "records_objects": 0, "records_bytes": 0}
+    for bucket in buckets:
+        for obj in store.client.list_objects(bucket, prefix=experiment_id + "/", recursive=True):
+            kind = "weights" if obj.object_name.endswith(".safetensors") else "records"
+            use[f"{kind}_objects"] += 1
+            use[f"{kind}_bytes"] += int(obj.size or 0)
+    return use
 
 
 def _round_of(key: str) -> int | None:
@@ -291,6 +316,11 @@ def run(quick: bool = False, rounds: int | None = None) -> BenchResult:
     time_ratio = late["ms_per_report"] / early["ms_per_report"]
     bytes_ratio = late["redis_kb_per_round"] / early["redis_kb_per_round"]
     restart = res["restart"]
+    s3_early, s3_end = res["s3_stored"]["early"], res["s3_stored"]["end"]
+    # Each of the last `keep` rounds: one update per site and one global; plus the best.
+    keep = DEFAULT_KEEP_ROUNDS
+    bound_end = keep * (NUM_SITES + 1) + 1
+    bound_flight = (keep + 1) * (NUM_SITES + 1) + 1  # the new round's, before the deletes
     return BenchResult(
         name="b7",
         title=f"B7 long run: {rounds} rounds, {NUM_SITES} sites, stand-in (tiny model, no sleep), "
@@ -326,6 +356,20 @@ def run(quick: bool = False, rounds: int | None = None) -> BenchResult:
                 f"{restart.get('history_requests')}, of rounds before the restart "
                 f"{len(restart.get('past_rounds_touched', []))}",
                 bool(restart) and not restart.get("past_rounds_touched"),
+            ),
+            Target(
+                "S3 weights stored",
+                f"bounded by the window (keep_rounds {keep}): at most {bound_end} objects at "
+                f"the end, {bound_flight} while a round is in flight (the round-"
+                f"{s3_early['rounds_closed']} sample)",
+                f"{s3_end['weights_objects']} objects ({s3_end['weights_bytes'] / 1024:.0f} KB) "
+                f"at the end, {s3_early['weights_objects']} "
+                f"({s3_early['weights_bytes'] / 1024:.0f} KB) at round "
+                f"{s3_early['rounds_closed']}; JSON records {s3_early['records_objects']} -> "
+                f"{s3_end['records_objects']} objects, {s3_early['records_bytes'] / 1024:.0f}"
+                f" -> {s3_end['records_bytes'] / 1024:.0f} KB (they grow with the rounds)",
+                s3_end["weights_objects"] <= bound_end
+                and s3_early["weights_objects"] <= bound_flight,
             ),
         ],
         notes=[
