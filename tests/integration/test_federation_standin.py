@@ -22,6 +22,26 @@ from tests.support.standin import BACKEND as STANDIN_BACKEND
 pytestmark = pytest.mark.integration
 
 
+def _standin_env(tmp_path) -> dict[str, str]:
+    """The stand-in trainer, with every nnU-Net folder in the test's own folder."""
+    return {
+        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
+        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
+        "nnUNet_raw": str(tmp_path),
+        "nnUNet_preprocessed": str(tmp_path),
+        "nnUNet_results": str(tmp_path),
+    }
+
+
+def _run(stack, spec, sites, tmp_path, timeout_s: float):
+    """Submit ``spec`` to a local federation of ``sites``; (the submitted spec, final state)."""
+    with LocalFederation(sites, tmp_path / "logs", env=_standin_env(tmp_path)) as fed:
+        spec = submit(stack, spec)
+        alive = lambda *_: fed.check_alive()  # noqa: E731
+        state = wait_for(stack, spec.experiment_id, timeout_s, on_update=alive)
+    return spec, state
+
+
 def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
     sites = {unique_id("s"): i for i in (11, 12, 13)}
     spec = parse_spec(
@@ -35,13 +55,7 @@ def test_three_sites_three_rounds_fedavg_is_exact(stack, unique_id, tmp_path):
             "heartbeat_timeout_s": 30,
         }
     )
-    env = {
-        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
-        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
-        "nnUNet_raw": str(tmp_path),
-        "nnUNet_preprocessed": str(tmp_path),
-        "nnUNet_results": str(tmp_path),
-    }
+    env = _standin_env(tmp_path)
     with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
         submit(stack, spec)
         # Each process is stopped as a group, yet shares this session: in a session of
@@ -115,16 +129,7 @@ def test_pretrained_weights_are_every_sites_starting_point(stack, unique_id, tmp
          "rounds": 1, "configuration": "2d", "device": "cpu", "heartbeat_timeout_s": 30,
          "train_args": ["-pretrained_weights", str(ckpt)]}
     )  # fmt: skip
-    env = {
-        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
-        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
-        "nnUNet_raw": str(tmp_path),
-        "nnUNet_preprocessed": str(tmp_path),
-        "nnUNet_results": str(tmp_path),
-    }
-    with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
-        spec = submit(stack, spec)
-        state = wait_for(stack, spec.experiment_id, 120, on_update=lambda *_: fed.check_alive())
+    spec, state = _run(stack, spec, sites, tmp_path, timeout_s=120)
     assert state.phase == "done", state.error
     assert spec.initial_weights is not None
     initial = decode_weights(ArtifactStore(stack).get_bytes(spec.initial_weights))
@@ -155,16 +160,7 @@ def test_keep_rounds_leaves_the_last_rounds_the_best_and_the_initial_global(
          "rounds": rounds, "keep_rounds": keep, "configuration": "2d", "device": "cpu",
          "heartbeat_timeout_s": 30, "train_args": ["-pretrained_weights", str(ckpt)]}
     )  # fmt: skip
-    env = {
-        "FEDNNUNET_SITE_BACKEND": STANDIN_BACKEND,
-        "FEDNNUNET_STANDIN_DIR": str(tmp_path / "standin"),
-        "nnUNet_raw": str(tmp_path),
-        "nnUNet_preprocessed": str(tmp_path),
-        "nnUNet_results": str(tmp_path),
-    }
-    with LocalFederation(sites, tmp_path / "logs", env=env) as fed:
-        spec = submit(stack, spec)
-        state = wait_for(stack, spec.experiment_id, 180, on_update=lambda *_: fed.check_alive())
+    spec, state = _run(stack, spec, sites, tmp_path, timeout_s=180)
     assert state.phase == "done", state.error
     store = ArtifactStore(stack)
     exp = spec.experiment_id
