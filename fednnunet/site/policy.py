@@ -8,6 +8,7 @@
     max_local_epochs: 5
     max_iterations_per_epoch: 500
     max_upload_mb: 200
+    keep_own_updates: true   # never delete this site's uploads (the spec's keep_rounds)
 
 A task outside the policy is refused with a clear, non-retryable error before
 anything runs. Without a file, only the built-in checks apply (names that become
@@ -34,6 +35,9 @@ class SitePolicy(BaseModel):
     max_local_epochs: int | None = Field(default=None, ge=1)
     max_iterations_per_epoch: int | None = Field(default=None, ge=1)
     max_upload_mb: float | None = Field(default=None, gt=0)
+    # The spec's keep_rounds makes a site delete its own old updates; a site that wants
+    # them kept in its bucket (its own audit trail) keeps them. Globals are not its own.
+    keep_own_updates: bool = False
 
     def refusal(self, task: SiteTask) -> str | None:
         """Why this site will not run ``task`` (None: allowed)."""

@@ -476,7 +476,7 @@ class SiteService:
     def _expire_update(self, task: SiteTask) -> None:
         """Retention (core/retention.py): this site's update that just left the window of
         kept rounds. Only ever this site's own update of a round at least 2 back."""
-        keep = task.options.kept_rounds
+        keep = None if self.policy.keep_own_updates else task.options.kept_rounds
         expired = expired_update_round(task.round, keep)
         if expired is None:
             return
@@ -489,7 +489,7 @@ class SiteService:
 
     def _sweep_updates(self, task: SiteTask) -> None:
         """Retention at the end: the updates left behind by rounds this site missed."""
-        keep = task.options.kept_rounds
+        keep = None if self.policy.keep_own_updates else task.options.kept_rounds
         if keep is None:
             return
         prefix = folder_prefix(task.experiment_id, Phase.TRAIN)

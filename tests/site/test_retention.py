@@ -109,3 +109,38 @@ def test_one_kept_round_is_refused_as_unsafe_and_async_refuses_a_window() -> Non
     assert ExperimentOptions().kept_rounds == 3
     assert ExperimentOptions(mode="async").kept_rounds is None
     assert ExperimentOptions(keep_rounds=0).kept_rounds is None
+
+
+def test_a_site_whose_policy_keeps_its_updates_deletes_none(stack, unique_id, tmp_path):
+    """``keep_own_updates: true`` in the site policy: the spec's window does not reach
+    into this site's bucket (its own audit trail stays whole)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("keep_own_updates: true\n")
+    site = unique_id("rk")
+    settings = stack.model_copy(
+        update={"site_id": site, "dataset_id": 7, "site_policy": str(policy)}
+    )
+    store = ArtifactStore(settings)
+    exp = unique_id("exp-rk-")
+    gbucket, sbucket = (
+        global_bucket(settings.bucket_prefix),
+        site_bucket(settings.bucket_prefix, site),
+    )
+    store.ensure_bucket(sbucket)
+    svc = SiteService(
+        settings, store, backend=StandInBackend(settings, model="tiny", workdir=tmp_path / "w")
+    )
+    options = ExperimentOptions(configuration="2d", rounds=4, device="cpu", keep_rounds=2)
+    ref = None
+    for r in range(1, 5):
+        task = SiteTask(experiment_id=exp, site_id=site, phase="train", round=r,
+                        options=options, global_weights=ref)  # fmt: skip
+        assert svc.handle(task).ok
+        data = encode_weights(build_state("tiny", 200 + r))
+        ref = store.put_bytes(gbucket, global_weights_key(exp, r), data)
+    assert _update_rounds(store, sbucket, exp) == {1, 2, 3, 4}
+    for key in store.list_keys(sbucket, ""):
+        store.client.remove_object(sbucket, key)
+    store.client.remove_bucket(sbucket)
+    for key in store.list_keys(gbucket, f"{exp}/"):
+        store.client.remove_object(gbucket, key)
