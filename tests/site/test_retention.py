@@ -22,23 +22,33 @@ def _update_rounds(store: ArtifactStore, bucket: str, exp: str) -> set[int]:
     return {int(k.split("/")[2][1:]) for k in keys if k.endswith("/update.safetensors")}
 
 
+def _site(stack, unique_id, tmp_path, egress_log=None, **settings_update):
+    """A site (stand-in session) with its bucket: settings, store, service, experiment id,
+    global bucket, site bucket."""
+    site = unique_id("rt")
+    settings = stack.model_copy(update={"site_id": site, "dataset_id": 7} | settings_update)
+    store = ArtifactStore(settings, egress_log=str(egress_log) if egress_log else None)
+    gbucket = global_bucket(settings.bucket_prefix)
+    sbucket = site_bucket(settings.bucket_prefix, site)
+    store.ensure_bucket(gbucket)
+    store.ensure_bucket(sbucket)
+    backend = StandInBackend(settings, model="tiny", workdir=tmp_path / "w")
+    return (
+        settings,
+        store,
+        SiteService(settings, store, backend=backend),
+        unique_id("exp-rt-"),
+        gbucket,
+        sbucket,
+    )
+
+
 def test_a_site_keeps_only_its_last_k_updates_and_skips_a_deleted_rounds_task(
     stack, unique_id, tmp_path
 ):
-    site = unique_id("rt")
-    settings = stack.model_copy(update={"site_id": site, "dataset_id": 7})
     log = tmp_path / "egress.jsonl"
-    store = ArtifactStore(settings, egress_log=str(log))
-    exp = unique_id("exp-rt-")
-    gbucket, sbucket = (
-        global_bucket(settings.bucket_prefix),
-        site_bucket(settings.bucket_prefix, site),
-    )
-    store.ensure_bucket(gbucket)
-    store.ensure_bucket(sbucket)
-    svc = SiteService(
-        settings, store, backend=StandInBackend(settings, model="tiny", workdir=tmp_path / "w")
-    )
+    settings, store, svc, exp, gbucket, sbucket = _site(stack, unique_id, tmp_path, log)
+    site = settings.site_id
     options = ExperimentOptions(configuration="2d", rounds=6, device="cpu", keep_rounds=2)
     globals_put = []
 
@@ -116,20 +126,10 @@ def test_a_site_whose_policy_keeps_its_updates_deletes_none(stack, unique_id, tm
     into this site's bucket (its own audit trail stays whole)."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("keep_own_updates: true\n")
-    site = unique_id("rk")
-    settings = stack.model_copy(
-        update={"site_id": site, "dataset_id": 7, "site_policy": str(policy)}
+    settings, store, svc, exp, gbucket, sbucket = _site(
+        stack, unique_id, tmp_path, site_policy=str(policy)
     )
-    store = ArtifactStore(settings)
-    exp = unique_id("exp-rk-")
-    gbucket, sbucket = (
-        global_bucket(settings.bucket_prefix),
-        site_bucket(settings.bucket_prefix, site),
-    )
-    store.ensure_bucket(sbucket)
-    svc = SiteService(
-        settings, store, backend=StandInBackend(settings, model="tiny", workdir=tmp_path / "w")
-    )
+    site = settings.site_id
     options = ExperimentOptions(configuration="2d", rounds=4, device="cpu", keep_rounds=2)
     ref = None
     for r in range(1, 5):
