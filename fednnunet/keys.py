@@ -10,6 +10,7 @@ journal, plots) lives in the coordinator bucket, which no site may read.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fednnunet.phases import Phase
@@ -100,6 +101,17 @@ def parse_artifact_key(key: str) -> ArtifactKey | None:
         return None
     experiment, folder, round_, site, name = parts
     return ArtifactKey(experiment, folder, int(round_[1:]), site, name)
+
+
+def rounds_of(keys: Iterable[str], key_of: Callable[[int], str]) -> dict[int, str]:
+    """Round -> key, for the listed keys that are ``key_of(round)`` (e.g. one experiment's
+    global weights, or one site's updates); every other key is ignored."""
+    out = {}
+    for key in keys:
+        parts = parse_artifact_key(key)
+        if parts is not None and key == key_of(parts.round):
+            out[parts.round] = key
+    return out
 
 
 def experiment_prefix(experiment: str) -> str:

@@ -341,10 +341,7 @@ class ArtifactStore:
         """Delete one object (absent already: nothing to do). Logged beside the egress
         log's upload line, so a site's audit shows it deleted, not missing."""
         self._retry(f"delete {bucket}/{key}", lambda: self.client.remove_object(bucket, key))
-        if self.egress_log is not None:
-            line = {"time": time.time(), "bucket": bucket, "key": key, "deleted": reason}
-            with open(self.egress_log, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
+        self._append_egress({"bucket": bucket, "key": key, "deleted": reason})
 
     def first_key_after(self, bucket: str, prefix: str, start_after: str) -> str | None:
         """The first key under ``prefix`` that sorts after ``start_after`` (one LIST)."""
@@ -546,21 +543,18 @@ class ArtifactStore:
         return existing
 
     def _log_egress(self, ref: ArtifactRef, kind: str) -> None:
+        self._append_egress(
+            {"bucket": ref.bucket, "key": ref.key, "kind": kind, "bytes": ref.size,
+             "sha256": ref.sha256}
+        )  # fmt: skip
+
+    def _append_egress(self, entry: dict[str, Any]) -> None:
+        """One timestamped JSON line in the site's egress log (when it has one)."""
         if self.egress_log is None:
             return
         self.egress_log.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(
-            {
-                "time": time.time(),
-                "bucket": ref.bucket,
-                "key": ref.key,
-                "kind": kind,
-                "bytes": ref.size,
-                "sha256": ref.sha256,
-            }
-        )
         with open(self.egress_log, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write(json.dumps({"time": time.time()} | entry) + "\n")
 
     # -- reading (verified) --------------------------------------------------
     def _check_ref_size(self, ref: ArtifactRef) -> None:

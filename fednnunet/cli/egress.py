@@ -55,6 +55,11 @@ def _when(entry: dict[str, Any]) -> str:
 DELETED = "deleted by this site"
 
 
+def _deleted_status(entry: dict[str, Any]) -> str | None:
+    """The audit status of an upload the site later deleted (None: not deleted)."""
+    return f"{DELETED} ({entry['deleted']})" if "deleted" in entry else None
+
+
 def status_is_ok(status: str) -> bool:
     """Whether an audit status agrees with the log (verified, not checked, or deleted)."""
     return status in ("verified", "not verified") or status.startswith(DELETED)
@@ -110,8 +115,7 @@ def audit(entries: list[dict[str, Any]], store: Any) -> list[dict[str, Any]]:
             out.append(row)
             continue
         if ref is None:
-            gone = f"{DELETED} ({e['deleted']})" if "deleted" in e else "missing in store"
-            row.update(status=gone, words=[])
+            row.update(status=_deleted_status(e) or "missing in store", words=[])
             out.append(row)
             continue
         data = store.client.get_object(e["bucket"], e["key"])
@@ -155,11 +159,7 @@ def _site_egress(experiment, log, site_id, no_verify) -> None:
         console.print(f"nothing left this site{' for ' + experiment if experiment else ''}")
         return
     if no_verify:
-        rows = [
-            dict(e, status=f"{DELETED} ({e['deleted']})" if "deleted" in e else "not verified")
-            | {"words": []}
-            for e in entries
-        ]
+        rows = [dict(e, status=_deleted_status(e) or "not verified", words=[]) for e in entries]
     else:
         from fednnunet.adapters.s3_store import ArtifactStore
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 from fednnunet.adapters.redis_state import Fence, LockLost, RedisState
@@ -48,6 +49,7 @@ from fednnunet.keys import (
     parse_artifact_key,
     parse_progress_routing_key,
     plot_key,
+    rounds_of,
     site_bucket,
 )
 from fednnunet.messages import ArtifactRef, ProgressEvent, SiteReport, SiteTask
@@ -687,11 +689,7 @@ class Coordinator:
         except Exception:  # noqa: BLE001 - as in _delete_globals
             log.exception("listing the globals of %s failed", exp)
             return
-        stored = set()
-        for key in keys:
-            parts = parse_artifact_key(key)
-            if parts and key == global_weights_key(exp, parts.round):
-                stored.add(parts.round)
+        stored = rounds_of(keys, partial(global_weights_key, exp))
         expired = stale_at_end(stored, state.rounds_closed, keep, state.best_global_round)
         self._delete_globals(exp, expired, f"keep_rounds {keep} at the end")
 

@@ -28,6 +28,7 @@ from fednnunet.keys import (
     folder_prefix,
     global_bucket,
     parse_artifact_key,
+    rounds_of,
     site_artifact_key,
     site_bucket,
     site_report_key,
@@ -394,7 +395,8 @@ class SiteService:
             raise FedError(f"round {task.round} is already closed; stale task skipped")
         session = self._session(task)
         opts = task.options
-        if opts.mode == "sync" and (done := session.last_completed_round()) > task.round:
+        done = session.last_completed_round()
+        if opts.mode == "sync" and done > task.round:
             # Its update is gone (deleted when it left the kept rounds): never send a later
             # round's weights under this round's name.
             raise PolicyRefusal(
@@ -403,7 +405,7 @@ class SiteService:
             )
         if task.plans_sha256 is not None:
             self._check_plans(task, session)
-        trained = session.last_completed_round() < task.round
+        trained = done < task.round
         if trained:
             t_pull = time.perf_counter()
             loaded = self._load_global(task, session, prefetched, verify_now=False)
@@ -473,10 +475,14 @@ class SiteService:
         else:
             job()
 
+    def _kept_rounds(self, task: SiteTask) -> int | None:
+        """The spec's window of kept rounds, unless this site's policy keeps its own."""
+        return None if self.policy.keep_own_updates else task.options.kept_rounds
+
     def _expire_update(self, task: SiteTask) -> None:
         """Retention (core/retention.py): this site's update that just left the window of
         kept rounds. Only ever this site's own update of a round at least 2 back."""
-        keep = None if self.policy.keep_own_updates else task.options.kept_rounds
+        keep = self._kept_rounds(task)
         expired = expired_update_round(task.round, keep)
         if expired is None:
             return
@@ -489,16 +495,13 @@ class SiteService:
 
     def _sweep_updates(self, task: SiteTask) -> None:
         """Retention at the end: the updates left behind by rounds this site missed."""
-        keep = None if self.policy.keep_own_updates else task.options.kept_rounds
+        keep = self._kept_rounds(task)
         if keep is None:
             return
         prefix = folder_prefix(task.experiment_id, Phase.TRAIN)
+        own = partial(site_update_key, task.experiment_id, site=self.site_id)
         try:
-            updates = {}
-            for key in self.store.list_keys(self.bucket, prefix):
-                parts = parse_artifact_key(key)
-                if parts and key == site_update_key(task.experiment_id, parts.round, self.site_id):
-                    updates[parts.round] = key
+            updates = rounds_of(self.store.list_keys(self.bucket, prefix), own)
             for r in stale_at_end(updates, task.options.rounds, keep):
                 self.store.delete(self.bucket, updates[r], f"keep_rounds {keep} at the end")
         except Exception:  # noqa: BLE001 - as in _expire_update
