@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import BenchResult, Target, purge_s3
@@ -37,8 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 # nnU-Net's 2d network and its default 3d_fullres network (PlainConvUNet, 6 stages,
 # 32..320 features: 124.8 MB unique), built offline by the stand-in.
 MODELS = {"nnunet2d": "2d", "nnunet3d": "3d_fullres"}
-FULL_ROUNDS = {"nnunet2d": 24, "nnunet3d": 12}  # see run_model
-FLOOR_REPEATS = {"nnunet2d": 8, "nnunet3d": 4}  # before, and again after, the systems
+# Rounds per fednnunet experiment, experiments per run, floor samples per floor set (one
+# set before each experiment and one after the last): see run_model.
+FULL_ROUNDS = {"nnunet2d": 9, "nnunet3d": 12}
+SEGMENTS = {"nnunet2d": 3, "nnunet3d": 1}
+FLOOR_REPEATS = {"nnunet2d": 4, "nnunet3d": 4}
 NUM_SITES = 3
 COLUMNS = [
     "system",
@@ -205,11 +209,12 @@ def _floor_summary(stages: dict[str, list[float]]) -> dict:
     return {"stages_s": medians, "round_s": sum(medians.values()), "samples": stages}
 
 
-def bracketed_floor(before: dict, after: dict) -> dict:
-    """The floor measured before and after the systems it is compared with (this
-    machine's speed drifts within a run): stage medians over both sets of samples."""
-    both = {k: before["samples"][k] + after["samples"][k] for k in before["samples"]}
-    return _floor_summary(both) | {"before_s": before["round_s"], "after_s": after["round_s"]}
+def interleaved_floor(sets: list[dict]) -> dict:
+    """The floor measured in sets taken before, between and after the fednnunet
+    experiments it is compared with (this machine's speed drifts within a run): stage
+    medians over every set's samples; each set's own round in ``sets_s``."""
+    pooled = {k: [x for one in sets for x in one["samples"][k]] for k in sets[0]["samples"]}
+    return _floor_summary(pooled) | {"sets_s": [one["round_s"] for one in sets]}
 
 
 # ----------------------------------------------------------------- fednnunet
@@ -225,7 +230,17 @@ def _wait_ready(fed, log_dir: Path, names: list[str], timeout_s: float = 120.0) 
     raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: see {log_dir}")
 
 
-def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
+def run_ours(
+    model: str,
+    sleep_s: float,
+    rounds: int,
+    workdir: Path,
+    experiments: int = 1,
+    between: Callable[[], None] | None = None,
+) -> dict:
+    """``experiments`` fednnunet experiments of ``rounds`` rounds, one after the other on
+    the same running workers; ``between`` runs while they are idle between two (the
+    floor's samples, so that both are measured through the same minutes)."""
     from fednnunet.adapters.s3_store import ArtifactStore
     from fednnunet.cli.simulate import LocalFederation, submit, wait_for
     from fednnunet.keys import global_bucket, site_bucket
@@ -233,21 +248,10 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
     from fednnunet.spec import parse_spec
 
     settings = get_settings()
+    store = ArtifactStore(settings)
     tag = secrets.token_hex(3)
     # Fixed site ids: their buckets are reused (the local S3 server has finite volumes).
     sites = {f"b2-s{i}": 70 + i for i in range(NUM_SITES)}
-    spec = parse_spec(
-        {
-            "experiment_id": f"b2-{tag}",
-            "sites": list(sites),
-            "method": "asym",
-            "rounds": rounds,
-            "local_epochs": 1,
-            "configuration": MODELS[model],
-            "device": "cpu",
-            "heartbeat_timeout_s": 120,
-        }
-    )
     env = {
         "FEDNNUNET_SITE_BACKEND": "tests.support.standin:StandInBackend",
         "FEDNNUNET_STANDIN_MODEL": model,
@@ -260,9 +264,9 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
     log_dir = workdir / "logs"
     watch, s3_watch = PeakWatch(), PeakWatch()
     s3_pid = s3_server_pid()
+    collected: list[dict] = []
     with LocalFederation(sites, log_dir, env=env) as fed:
         _wait_ready(fed, log_dir, ["coordinator", *(f"site-{s}" for s in sites)])
-        submit(settings, spec)
 
         def on_update(*_: object) -> None:
             fed.check_alive()
@@ -270,18 +274,47 @@ def run_ours(model: str, sleep_s: float, rounds: int, workdir: Path) -> dict:
             if s3_pid is not None:
                 s3_watch.sample({"s3": s3_pid})
 
-        timeout = 120 + rounds * (sleep_s + 60)
-        state = wait_for(settings, spec.experiment_id, timeout, on_update, poll_s=0.5)
-    if state.phase != "done":
-        raise RuntimeError(f"fednnunet run ended in {state.phase}: {state.error}")
-    store = ArtifactStore(settings)
-    try:
-        return _collect(state, spec, sites, sleep_s, watch, s3_watch, workdir)
-    finally:
-        prefix = spec.experiment_id + "/"
-        for site in sites:
-            purge_s3(store, site_bucket(settings.bucket_prefix, site), prefix)
-        purge_s3(store, global_bucket(settings.bucket_prefix), prefix)
+        for index in range(experiments):
+            if index and between is not None:
+                time.sleep(2.0)  # the last experiment's deferred writes and sweeps
+                between()
+            spec = parse_spec(
+                {
+                    "experiment_id": f"b2-{tag}-{index}",
+                    "sites": list(sites),
+                    "method": "asym",
+                    "rounds": rounds,
+                    "local_epochs": 1,
+                    "configuration": MODELS[model],
+                    "device": "cpu",
+                    "heartbeat_timeout_s": 120,
+                }
+            )
+            submit(settings, spec)
+            timeout = 120 + rounds * (sleep_s + 60)
+            state = wait_for(settings, spec.experiment_id, timeout, on_update, poll_s=0.5)
+            if state.phase != "done":
+                raise RuntimeError(f"fednnunet run ended in {state.phase}: {state.error}")
+            try:
+                collected.append(_collect(state, spec, sites, sleep_s, workdir, index))
+            finally:
+                prefix = spec.experiment_id + "/"
+                for site in sites:
+                    purge_s3(store, site_bucket(settings.bucket_prefix, site), prefix)
+                purge_s3(store, global_bucket(settings.bucket_prefix), prefix)
+    rounds_out = [r for one in collected for r in one]
+    for r in rounds_out:
+        opened, closed = r.pop("opened_at"), r.pop("closed_at")
+        r["cpu_s"] = watch.cpu_between(opened, closed)
+        r["s3_cpu_s"] = s3_watch.cpu_between(opened, closed)
+    return {
+        "rounds": rounds_out,
+        "experiment_ids": [f"b2-{tag}-{i}" for i in range(experiments)],
+        "peak_rss_mb": {
+            "server": watch.peak.get("coordinator", 0.0),
+            "site_max": max(v for k, v in watch.peak.items() if k.startswith("site-")),
+        },
+    }
 
 
 def _uploaded_update_bytes(workdir: Path, experiment_id: str, site: str) -> dict[int, int]:
@@ -299,9 +332,8 @@ def _uploaded_update_bytes(workdir: Path, experiment_id: str, site: str) -> dict
     return out
 
 
-def _collect(
-    state, spec, sites, sleep_s: float, watch: PeakWatch, s3_watch: PeakWatch, workdir: Path
-) -> dict:
+def _collect(state, spec, sites, sleep_s: float, workdir: Path, experiment: int) -> list[dict]:
+    """One experiment's rounds (CPU is filled in from the watches by the caller)."""
     sent = {s: _uploaded_update_bytes(workdir, spec.experiment_id, s) for s in sites}
     out = []
     prev_global = 0
@@ -310,11 +342,12 @@ def _collect(
         wall = rec.closed_at - rec.opened_at
         out.append(
             {
+                "experiment": experiment,
                 "round": rec.round,
                 "wall_s": wall,
                 "overhead_s": wall - sleep_s,
-                "cpu_s": watch.cpu_between(rec.opened_at, rec.closed_at),
-                "s3_cpu_s": s3_watch.cpu_between(rec.opened_at, rec.closed_at),
+                "opened_at": rec.opened_at,
+                "closed_at": rec.closed_at,
                 "aggregation_s": rec.aggregation_s,
                 "site_steps_s": {
                     step: statistics.median(
@@ -327,14 +360,7 @@ def _collect(
             }
         )
         prev_global = rec.global_weights.size if rec.global_weights else 0
-    return {
-        "rounds": out,
-        "experiment_id": spec.experiment_id,
-        "peak_rss_mb": {
-            "server": watch.peak.get("coordinator", 0.0),
-            "site_max": max(v for k, v in watch.peak.items() if k.startswith("site-")),
-        },
-    }
+    return out
 
 
 # ----------------------------------------------------------------- Flower
@@ -555,19 +581,27 @@ def run_model(model: str, quick: bool, sleep_s: float) -> dict:
     # 1 s) and the first rounds after the workers start run slower (0.2-1 s, seen in 3
     # runs of 8 rounds); the median of 11 is not moved by two or three of them. The 2d
     # model is compared with an additive target of 0.15 s while single 2d rounds vary by
-    # +-0.1 s on this machine: twice the rounds and floor samples (a round costs ~1.6 s).
+    # +-0.1 s on this machine: 24 counted rounds and 16 floor samples. And this machine's
+    # speed drifts by up to 0.3 s a floor round within a run (a floor set before the
+    # systems and one after differed that much): so the 2d rounds run as three
+    # experiments on the same workers, with a floor set before, between and after them.
     rounds = 3 if quick else FULL_ROUNDS[model]
+    experiments = min(2, SEGMENTS[model]) if quick else SEGMENTS[model]
     unique = unique_nbytes(build_state(model, 0))
     compute_cpu = standin_compute_cpu_s(model)
     repeats = 2 if quick else FLOOR_REPEATS[model]
     # Unmeasured: a fresh S3 data folder grows its first volumes on the first writes (the
     # floor measured first was 1.3-1.4 x the floor measured after the systems ran).
     s3_floor(model, 2)
-    floor_before = s3_floor(model, repeats)
+    floor_sets = [s3_floor(model, repeats)]
     with tempfile.TemporaryDirectory(prefix="fednnunet-b2-") as tmp:
-        ours = run_ours(model, sleep_s, rounds, Path(tmp) / "ours")
+        ours = run_ours(
+            model, sleep_s, rounds, Path(tmp) / "ours", experiments,
+            between=lambda: floor_sets.append(s3_floor(model, repeats)),
+        )  # fmt: skip
+        floor_sets.append(s3_floor(model, repeats))
         flower = run_flower(model, sleep_s, max(2, min(4, rounds - 1)), Path(tmp) / "flower")
-    floor = bracketed_floor(floor_before, s3_floor(model, repeats))
+    floor = interleaved_floor(floor_sets)
     config = MODELS[model]
     rows, summary = [], {}
     for name, res in (("fednnunet", ours), ("flower", flower)):
@@ -579,7 +613,9 @@ def run_model(model: str, quick: bool, sleep_s: float) -> dict:
                 [
                     config,
                     name,
-                    r["round"],
+                    f"{r['experiment'] + 1}/{r['round']}"
+                    if "experiment" in r and experiments > 1
+                    else r["round"],
                     r["wall_s"],
                     r["overhead_s"],
                     steps.get("pull_s", ""),
@@ -689,8 +725,9 @@ def run(
             f"from net CPU); S3 floor stages: 3 site PUTs at once {st['site PUTs']:.2f} s, "
             f"coordinator GETs {st['coord GETs']:.2f} s, global PUT {st['global PUT']:.2f} s, "
             f"3 site GETs {st['site GETs']:.2f} s (medians of "
-            f"{len(floor['samples']['site PUTs'])}, half before and half after the two "
-            f"systems ran: {floor['before_s']:.2f} s before, {floor['after_s']:.2f} s after)",
+            f"{len(floor['samples']['site PUTs'])} in {len(floor['sets_s'])} sets, taken "
+            f"before, between and after the fednnunet experiments: "
+            f"{', '.join(f'{x:.2f}' for x in floor['sets_s'])} s; Flower ran after them)",
         ]
     notes += [
         "overhead = round wall − S; medians over rounds ≥ 2 (round 1 has no global to pull "
