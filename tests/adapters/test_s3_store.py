@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fednnunet.adapters.s3_store import _KNOWN_SHA256, ArtifactStore, sha256_bytes
+from fednnunet.adapters.s3_store import ArtifactStore, sha256_bytes
 from fednnunet.errors import FedError, IntegrityError
 from fednnunet.messages import ArtifactRef
 
@@ -151,58 +151,6 @@ def test_a_body_this_process_hashed_is_not_hashed_again_by_the_client(
     # Control: the stock upload path does hash it (so the count above can fail).
     store.client.put_object("fedtest-store", f"{unique_id('k')}/c.bin", io.BytesIO(data), len(data))
     assert max(hashed) == len(data)
-
-
-def test_a_known_body_goes_unsigned_under_its_signed_sha256_and_a_changed_body_is_refused(
-    store, unique_id, monkeypatch
-):
-    """A body whose sha256 this process computed is sent as UNSIGNED-PAYLOAD (no hash
-    pass in the client, less work for the S3 server); its sha256 travels in a metadata
-    header the request signs. A body changed on the way (a PUT whose metadata names
-    other bytes) is stored by the server but refused by every reader."""
-    import hashlib
-    import os
-
-    sent: list[dict] = []
-    http = store.client._http
-    real = http.urlopen
-
-    def recording(method, url, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if method == "PUT":
-            sent.append({k.lower(): v for k, v in (kwargs.get("headers") or {}).items()})
-        return real(method, url, *args, **kwargs)
-
-    monkeypatch.setattr(http, "urlopen", recording)
-    data = os.urandom(1 << 20)
-    sha = hashlib.sha256(data).hexdigest()  # independent of the store
-    ref = store.put_bytes("fedtest-store", f"{unique_id('k')}/u.bin", data)
-    put = sent[-1]
-    assert put["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
-    assert put["x-amz-meta-sha256"] == sha == ref.sha256
-    signed = put["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
-    assert "x-amz-meta-sha256" in signed and "if-none-match" in signed
-    assert store.get_bytes(ref) == data
-
-    # What a body changed in transit looks like to the server: accepted, stored...
-    other = os.urandom(1 << 20)
-    key = f"{unique_id('k')}/changed.bin"
-    store.client._put_object(
-        "fedtest-store", key, other,
-        {"x-amz-meta-sha256": sha, _KNOWN_SHA256: sha, "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
-    assert sent[-1]["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
-    claimed = ref.model_copy(update={"key": key})
-    # ...and refused by the reader, whichever way it reads.
-    with pytest.raises(IntegrityError):
-        store.get_bytes(claimed)
-    with pytest.raises(IntegrityError):
-        store.get_checked(claimed, max_bytes=2 << 20)
-    # A PUT whose metadata does not name the known hash is signed the stock way.
-    store.client._put_object(
-        "fedtest-store", f"{unique_id('k')}/plain.bin", data,
-        {_KNOWN_SHA256: sha, "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
-    assert sent[-1]["x-amz-content-sha256"] == sha
 
 
 def test_a_body_of_many_spans_reads_and_hashes_the_same_on_every_path(store, unique_id):
