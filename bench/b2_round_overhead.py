@@ -41,7 +41,7 @@ MODELS = {"nnunet2d": "2d", "nnunet3d": "3d_fullres"}
 # Rounds per fednnunet experiment, experiments per run, floor samples per floor set (one
 # set before each experiment and one after the last): see run_model.
 FULL_ROUNDS = {"nnunet2d": 9, "nnunet3d": 12}
-SEGMENTS = {"nnunet2d": 3, "nnunet3d": 1}
+EXPERIMENTS = {"nnunet2d": 3, "nnunet3d": 1}
 FLOOR_REPEATS = {"nnunet2d": 4, "nnunet3d": 4}
 NUM_SITES = 3
 COLUMNS = [
@@ -264,6 +264,7 @@ def run_ours(
     log_dir = workdir / "logs"
     watch, s3_watch = PeakWatch(), PeakWatch()
     s3_pid = s3_server_pid()
+    experiment_ids = [f"b2-{tag}-{index}" for index in range(experiments)]
     collected: list[dict] = []
     with LocalFederation(sites, log_dir, env=env) as fed:
         _wait_ready(fed, log_dir, ["coordinator", *(f"site-{s}" for s in sites)])
@@ -274,13 +275,13 @@ def run_ours(
             if s3_pid is not None:
                 s3_watch.sample({"s3": s3_pid})
 
-        for index in range(experiments):
+        for index, experiment_id in enumerate(experiment_ids):
             if index and between is not None:
                 time.sleep(2.0)  # the last experiment's deferred writes and sweeps
                 between()
             spec = parse_spec(
                 {
-                    "experiment_id": f"b2-{tag}-{index}",
+                    "experiment_id": experiment_id,
                     "sites": list(sites),
                     "method": "asym",
                     "rounds": rounds,
@@ -309,7 +310,7 @@ def run_ours(
         r["s3_cpu_s"] = s3_watch.cpu_between(opened, closed)
     return {
         "rounds": rounds_out,
-        "experiment_ids": [f"b2-{tag}-{i}" for i in range(experiments)],
+        "experiment_ids": experiment_ids,
         "peak_rss_mb": {
             "server": watch.peak.get("coordinator", 0.0),
             "site_max": max(v for k, v in watch.peak.items() if k.startswith("site-")),
@@ -586,7 +587,7 @@ def run_model(model: str, quick: bool, sleep_s: float) -> dict:
     # systems and one after differed that much): so the 2d rounds run as three
     # experiments on the same workers, with a floor set before, between and after them.
     rounds = 3 if quick else FULL_ROUNDS[model]
-    experiments = min(2, SEGMENTS[model]) if quick else SEGMENTS[model]
+    experiments = min(2, EXPERIMENTS[model]) if quick else EXPERIMENTS[model]
     unique = unique_nbytes(build_state(model, 0))
     compute_cpu = standin_compute_cpu_s(model)
     repeats = 2 if quick else FLOOR_REPEATS[model]
